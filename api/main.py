@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute, APIRouter
 
 from api.core.db import make_engine, make_session_factory, session_scope, upgrade_database
 from api.core.services import jobs as job_service
@@ -24,6 +25,7 @@ from api.deps import DEFAULT_KEY_CACHE_TTL_S, KeyCache
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.problems import install_problem_handlers
 from api.routers import datasets, health, jobs, models
+from api.status_fastpath import StatusFastPath
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +101,22 @@ def create_app(
     app.state.key_cache = KeyCache(ttl_s=key_cache_ttl_s)
 
     install_problem_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     for router in (models.router, datasets.router, jobs.router, health.router):
         app.include_router(router)
+    # Added first, so it runs inside the metrics middleware: fast-path polls are counted too.
+    app.add_middleware(
+        StatusFastPath, key_cache=app.state.key_cache, reader=status_reader,
+        route=_route(jobs.router, "/v1/jobs/{job_id}", "GET"),
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _route(router: APIRouter, path: str, method: str) -> APIRoute:
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path == path and method in route.methods:
+            return route
+    raise LookupError(f"no route {method} {path}")
 
 
 def __getattr__(name: str) -> FastAPI:
