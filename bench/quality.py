@@ -57,6 +57,7 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
     "WaNet": {"type": "wanet", "target": TARGET},
     "clean": None,
 }
+DEFENSES = ("ft", "default", "auto", "rule", "sweep")
 TRAIN_CONFIG = TrainConfig(epochs=6, lr=0.02, batch_size=128, augment=AugmentConfig(crop_padding=2))
 
 
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain", action="store_true", help="train even when a cached model exists")
     parser.add_argument("--train-only", action="store_true", help="train/cache the models and stop")
     parser.add_argument("--lr", type=float, default=TRAIN_CONFIG.lr)
-    parser.add_argument("--n-values", default="0.01,0.05,0.1,0.2,0.3", help="TSBD neuron ratios to sweep")
+    parser.add_argument("--n-values", default="0.01,0.05,0.1,0.2,0.3",
+                        help="TSBD neuron ratios to sweep (empty: no sweep)")
+    parser.add_argument("--defenses", default=",".join(DEFENSES),
+                        help="comma-separated subset of " + ",".join(DEFENSES) + " (the stage-1 curve is always made)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
@@ -148,18 +152,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_only:
         return
 
-    n_values = [float(v) for v in args.n_values.split(",")]
+    n_values = [float(v) for v in args.n_values.split(",") if v.strip()]
+    defenses = {d.strip() for d in args.defenses.split(",") if d.strip()}
+    if unknown := defenses - set(DEFENSES):
+        parser.error(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
     rows: list[Row] = []
     curves: dict[str, list[CurvePoint]] = {}
     probe = TriggerSpec.from_dict(ATTACKS["BadNets"])  # what "ASR" means for the clean control
     for trained in models:
         trigger = trained.trigger or probe
         poisoned = make_poisoned_test_set(split.test, trigger)
-        model_rows, curves[trained.name] = defend(trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values)
+        model_rows, curves[trained.name] = defend(trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values,
+                                                        defenses=defenses)
         rows.extend(model_rows)
         infos = [ModelInfo(m.name, m.trigger is not None, m.from_cache, m.train_seconds) for m in models]
         partial = render(rows, infos, curves, spec=spec, config=config, wall=time.perf_counter() - wall)
         args.out.with_suffix(".partial.md").write_text(partial)
+        if args.json:  # keep what is done so far mergeable if the run is cut short
+            args.json.write_text(json.dumps(_to_json(rows, infos, curves, time.perf_counter() - wall)))
     infos = [ModelInfo(m.name, m.trigger is not None, m.from_cache, m.train_seconds) for m in models]
     wall_s = time.perf_counter() - wall
     if args.json:
@@ -227,7 +237,7 @@ def _row(model: str, label: str, result: PurificationResult) -> Row:
 
 
 def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisoned: ImageSet,
-           n_values: list[float]) -> tuple[list[Row], list[CurvePoint]]:
+           n_values: list[float], defenses: set[str] = set(DEFENSES)) -> tuple[list[Row], list[CurvePoint]]:
     """FT through :func:`purify`; TSBD for every n from ONE unlearning run.
 
     The TSBD rows call the pipeline's stage functions with the pipeline's
@@ -236,9 +246,12 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
     sweep affordable on a CPU.
     """
     model = trained.model
-    ft = purify(model, spec, split.clean, test=split.test, poisoned=poisoned,
-                config=PurifyConfig.from_params({}, defense="ft"))
-    rows = [Row(trained.name, "none", ft.before, ft.before, None, None, 0, 0.0), _row(trained.name, "FT", ft)]
+    before = evaluate(model, spec, test=split.test, poisoned=poisoned)
+    rows = [Row(trained.name, "none", before, before, None, None, 0, 0.0)]
+    if "ft" in defenses:
+        ft = purify(model, spec, split.clean, test=split.test, poisoned=poisoned,
+                    config=PurifyConfig.from_params({}, defense="ft"))
+        rows.append(_row(trained.name, "FT", ft))
 
     config = PurifyConfig()
     started = time.perf_counter()
@@ -248,17 +261,23 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
         batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
+    log.info("%s: unlearning took %d steps (%s, %.0f s)", trained.name, unlearning.steps,
+             "reached tau" if unlearning.reached_stop_acc else "stopped by the cap", time.perf_counter() - started)
     ranking = rank_neurons(model, unlearned)
     del unlearned
     unlearn_seconds = time.perf_counter() - started
     curve = stage1_curve(model, ranking, spec=spec, split=split, poisoned=poisoned, config=config)
 
-    choices = [
-        (f"TSBD default (n={config.reinit.neuron_ratio:g})", float(config.reinit.neuron_ratio)),
-        ("TSBD n=auto (robust z of NWC)", auto_neuron_ratio(ranking, config.reinit)),
-        ("TSBD n=rule (clean acc after reinit)", choose_neuron_ratio(
-            model, ranking, split.clean, spec=spec, weight_ratio=config.reinit.weight_ratio)),
-    ] + [(f"TSBD n={n:g}", n) for n in n_values]
+    choices: list[tuple[str, float]] = []
+    if "default" in defenses:
+        choices.append((f"TSBD default (n={config.reinit.neuron_ratio:g})", float(config.reinit.neuron_ratio)))
+    if "auto" in defenses:
+        choices.append(("TSBD n=auto (robust z of NWC)", auto_neuron_ratio(ranking, config.reinit)))
+    if "rule" in defenses:
+        choices.append(("TSBD n=rule (clean acc after reinit)", choose_neuron_ratio(
+            model, ranking, split.clean, spec=spec, weight_ratio=config.reinit.weight_ratio)))
+    if "sweep" in defenses:
+        choices += [(f"TSBD n={n:g}", n) for n in n_values]
     done: dict[float, Row] = {}
     for label, n in choices:
         if n not in done:
@@ -270,9 +289,9 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
                 batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed + 1),
             )
             after = evaluate(candidate, spec, test=split.test, poisoned=poisoned)
-            done[n] = Row(trained.name, label, ft.before, after, reinit.neuron_ratio, unlearning.steps,
+            done[n] = Row(trained.name, label, before, after, reinit.neuron_ratio, unlearning.steps,
                           finetune.steps, unlearn_seconds + time.perf_counter() - started)
-            log.info("%s / %s: %s -> %s", trained.name, label, ft.before.to_dict(), after.to_dict())
+            log.info("%s / %s: %s -> %s", trained.name, label, before.to_dict(), after.to_dict())
         rows.append(dataclasses.replace(done[n], defense=label))
     return rows, curve
 

@@ -4,10 +4,12 @@ schema (``JobRead``) and against the ORM-based view that the other job endpoints
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 import pytest
+from pydantic_core import to_json
 from sqlalchemy import text
 
 from api.core.models import Job, JobStatus, utcnow
@@ -192,3 +194,50 @@ def test_pg_status_reader_bounds_and_reuses_its_connections(postgres_url: str) -
     asyncio.run(scenario())
     with pytest.raises(ValueError, match="size"):
         PgStatusReader(database_url=postgres_url, size=0)
+
+
+def test_pg_status_reader_answers_concurrent_polls_in_batches(postgres_url: str, settings_factory: Any,
+                                                              model_bytes: bytes) -> None:
+    """Polls that wait for a connection are read together, and each request still only sees
+    its own organization's job (another tenant's id in the same batch is a 404)."""
+    import asyncio
+
+    from api.core.errors import NotFound
+    from tests.api.conftest import _make_api
+
+    api_iter = _make_api(settings_factory(database_url=postgres_url))
+    api = next(api_iter)
+    try:
+        owner, other = api.tenant("owner"), api.tenant("other")
+        inputs = upload_inputs(api, owner, model_bytes)
+        jobs = [create_job(api, owner, inputs.body(params={"seed": i})).json()["id"] for i in range(3)]
+        expected = {job_id: _poll(api, owner, job_id) for job_id in jobs}
+    finally:
+        next(api_iter, None)
+
+    reader = PgStatusReader(database_url=postgres_url, size=1)
+    queries: list[int] = []
+    fetch = reader._fetch
+
+    async def counting_fetch(connection: Any, job_ids: list[uuid.UUID]) -> Any:
+        queries.append(len(job_ids))
+        return await fetch(connection, job_ids)
+
+    reader._fetch = counting_fetch  # type: ignore[method-assign]
+    asks = [(owner.org_id, uuid.UUID(jobs[i % 3])) for i in range(24)]
+    asks += [(other.org_id, uuid.UUID(jobs[0])), (owner.org_id, uuid.uuid4())]
+
+    async def scenario() -> list[Any]:
+        try:
+            return await asyncio.gather(*(reader.view(org_id=o, job_id=j) for o, j in asks),
+                                        return_exceptions=True)
+        finally:
+            await reader.close()
+
+    results = asyncio.run(scenario())
+    for (_, job_id), result in zip(asks[:24], results[:24]):
+        assert not isinstance(result, BaseException), result
+        assert json.loads(to_json(result)) == expected[str(job_id)]
+    assert all(isinstance(r, NotFound) for r in results[24:])  # other tenant's job, unknown job
+    # the first poll takes the only connection alone; the other 25 wait and share one query
+    assert queries == [1, 4], queries

@@ -101,6 +101,16 @@ class CeleryTaskQueue:
                 self._app = queue.make_celery(self._settings)
             return self._app
 
+    def warm_up(self) -> None:
+        """Build the Celery app and the parts a first send loads lazily (no connection is
+        made), so that a served process imports them at start-up (see ``create_app``)."""
+        app = self._celery()
+        for part in ("loader", "amqp", "events", "tasks", "backend"):
+            try:
+                getattr(app, part)
+            except Exception:  # a broken setting is reported by the first real send
+                log.warning("celery warm-up: %s failed", part, exc_info=True)
+
     def enqueue_purify(self, job_id: uuid.UUID) -> str:
         from api.core import queue
 
@@ -443,14 +453,16 @@ _STATUS_QUERY = select(*_STATUS_COLUMNS).where(
     Job.id == bindparam("job_id"), Job.org_id == bindparam("org_id")
 )
 # The same statement for psycopg (PostgreSQL, ``jsonb`` paths).
-_PG_STATUS_SQL = (
-    "SELECT id, status, stage, progress_step, progress_total, progress_metrics, defense, "
+_PG_STATUS_COLUMNS = (
+    "id, status, stage, progress_step, progress_total, progress_metrics, defense, "
     "params, model_id, clean_dataset_id, test_dataset_id, poisoned_dataset_id, trigger, "
     "created_at, started_at, finished_at, cancel_requested, attempts, error, "
     "purified_model_id, result IS NOT NULL, result #> '{metrics,before}', "
-    "result #> '{metrics,after}', result -> 'der', result -> 'fidelity' "
-    "FROM jobs WHERE id = %(job_id)s AND org_id = %(org_id)s"
+    "result #> '{metrics,after}', result -> 'der', result -> 'fidelity'"
 )
+# A batch of polls; org_id last, to hand each row only to a request of its organization.
+_PG_STATUS_BATCH_SQL = f"SELECT {_PG_STATUS_COLUMNS}, org_id FROM jobs WHERE id = ANY(%(job_ids)s)"
+STATUS_BATCH_MAX = 256
 
 
 def _status_document(row: Sequence[Any]) -> dict[str, Any]:
@@ -519,15 +531,22 @@ class ThreadedStatusReader:
 
 class PgStatusReader:
     """Status reads on PostgreSQL with psycopg's asyncio connections: no thread hand-off
-    and no ORM per poll, one prepared statement and one round trip (autocommit).
+    and no ORM per poll, one prepared statement, autocommit.
 
-    At most ``size`` connections, opened on first use and reused (a burst waits for a
-    free one instead of opening more). A connection found broken (database restarted) is
-    dropped and the read is tried once more on a new connection. Connections belong to
-    the event loop that opened them: :meth:`close` (at application shutdown) closes them.
+    Polls that arrive while all ``size`` connections are busy are answered together:
+    the next free connection reads every job they ask for with one ``id = ANY(...)``
+    query, and each row goes to the request whose organization owns it (any other
+    request gets :class:`NotFound`, exactly as the single-row query would). Under load
+    this turns fifty concurrent polls into a few round trips instead of fifty; an idle
+    reader still answers a lone poll with one query at once.
+
+    Connections are opened on first use and reused. A connection found broken (database
+    restarted) is dropped and the read is tried once more on a new connection.
+    Connections belong to the event loop that opened them: :meth:`close` (at application
+    shutdown) closes them.
     """
 
-    def __init__(self, *, database_url: str, size: int) -> None:
+    def __init__(self, *, database_url: str, size: int, batch_max: int = STATUS_BATCH_MAX) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         from sqlalchemy.engine import make_url
@@ -538,8 +557,11 @@ class PgStatusReader:
             dbname=url.database, **{k: str(v) for k, v in url.query.items()},
         )
         self._size = size
+        self._batch_max = batch_max
         self._idle: list[psycopg.AsyncConnection[Any]] = []
-        self._slots: asyncio.Semaphore | None = None
+        self._busy = 0
+        self._waiting: list[tuple[uuid.UUID, uuid.UUID, asyncio.Future[dict[str, Any]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         # UTC session: timestamps come back as UTC, as the ORM's UTCDateTime gives them.
@@ -548,37 +570,75 @@ class PgStatusReader:
         )
 
     async def _fetch(self, connection: psycopg.AsyncConnection[Any],
-                     params: dict[str, uuid.UUID]) -> tuple[Any, ...] | None:
-        cursor = await connection.execute(_PG_STATUS_SQL, params, prepare=True)
-        return await cursor.fetchone()
+                     job_ids: list[uuid.UUID]) -> list[tuple[Any, ...]]:
+        cursor = await connection.execute(_PG_STATUS_BATCH_SQL, {"job_ids": job_ids}, prepare=True)
+        return await cursor.fetchall()
 
     async def view(self, *, org_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._size)
-        params = {"job_id": job_id, "org_id": org_id}
-        async with self._slots:
-            connection = self._idle.pop() if self._idle else await self._connect()
-            try:
-                try:
-                    row = await self._fetch(connection, params)
-                except psycopg.OperationalError:
-                    if not connection.broken:
-                        raise
-                    log.info("status read: connection lost; retrying on a new one")
-                    await connection.close()
-                    connection = await self._connect()
-                    row = await self._fetch(connection, params)
-            except BaseException:
-                await connection.close()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job_id, org_id, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        """Start a batch on every free connection slot while polls are waiting."""
+        while self._waiting and self._busy < self._size:
+            batch = self._waiting[: self._batch_max]
+            del self._waiting[: self._batch_max]
+            self._busy += 1
+            task = asyncio.ensure_future(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[uuid.UUID, uuid.UUID, asyncio.Future[dict[str, Any]]]]) -> None:
+        try:
+            rows = await self._read(list({job_id for job_id, _, _ in batch}))
+        except BaseException as exc:
+            for _, _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:  # the reader is shutting down
+                    future.cancel()
+            if not isinstance(exc, Exception):
                 raise
-            self._idle.append(connection)
-        if row is None:
-            raise NotFound(f"job {job_id} not found")
-        return _status_document(row)
+        else:
+            by_id = {row[0]: row for row in rows}
+            for job_id, org_id, future in batch:
+                if future.done():  # the request went away
+                    continue
+                row = by_id.get(job_id)
+                if row is None or row[-1] != org_id:
+                    future.set_exception(NotFound(f"job {job_id} not found"))
+                else:
+                    future.set_result(_status_document(row[:-1]))
+        finally:
+            self._busy -= 1
+            self._dispatch()
+
+    async def _read(self, job_ids: list[uuid.UUID]) -> list[tuple[Any, ...]]:
+        connection = self._idle.pop() if self._idle else await self._connect()
+        try:
+            try:
+                rows = await self._fetch(connection, job_ids)
+            except psycopg.OperationalError:
+                if not connection.broken:
+                    raise
+                log.info("status read: connection lost; retrying on a new one")
+                await connection.close()
+                connection = await self._connect()
+                rows = await self._fetch(connection, job_ids)
+        except BaseException:
+            await connection.close()
+            raise
+        self._idle.append(connection)
+        return rows
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         idle, self._idle = self._idle, []
-        self._slots = None
         for connection in idle:
             await connection.close()
 
