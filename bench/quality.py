@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.common import CACHE_DIR, MnistSplit, cache_key, machine_info, mnist_split
 from defense_core.attacks import TriggerSpec, make_poisoned_test_set
+from defense_core.device import make_runtime
 from defense_core.imageset import ImageSet
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
@@ -254,12 +255,15 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
         rows.append(_row(trained.name, "FT", ft))
 
     config = PurifyConfig()
+    # the precision purify() would choose on this machine (bf16 autocast where it pays)
+    runtime = make_runtime(config.device, model=model, input_shape=(spec.in_channels, *spec.input_size))
+    log.info("%s: runtime %s", trained.name, "bf16 autocast" if runtime.autocast_dtype else "fp32")
     started = time.perf_counter()
     unlearned = copy.deepcopy(model)
     unlearning = unlearn_(
         unlearned, split.clean, spec=spec, config=config.unlearn, augment=config.augment,
         batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=torch.Generator().manual_seed(config.seed), runtime=runtime,
     )
     log.info("%s: unlearning took %d steps (%s, %.0f s)", trained.name, unlearning.steps,
              "reached tau" if unlearning.reached_stop_acc else "stopped by the cap", time.perf_counter() - started)
@@ -287,8 +291,9 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
             finetune = finetune_(
                 candidate, split.clean, spec=spec, config=config.aft, augment=config.augment,
                 batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed + 1),
+                runtime=runtime,
             )
-            after = evaluate(candidate, spec, test=split.test, poisoned=poisoned)
+            after = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime)
             done[n] = Row(trained.name, label, before, after, reinit.neuron_ratio, unlearning.steps,
                           finetune.steps, unlearn_seconds + time.perf_counter() - started)
             log.info("%s / %s: %s -> %s", trained.name, label, before.to_dict(), after.to_dict())

@@ -120,7 +120,7 @@ def purify_command(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda[:N] (default: CUDA if available).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads.")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="CPU bf16 autocast.")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="CPU bf16 autocast (default: used when this CPU runs bf16 natively and a timed training step of the model is >= 1.5x faster).")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the Result document on stdout.")] = False,
 ) -> None:

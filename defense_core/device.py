@@ -2,17 +2,22 @@
 
 * CUDA when available, else CPU (``select_device``).
 * On CUDA, fp16 autocast with a ``GradScaler`` (``amp``, on by default there).
-* On CPU, optional bf16 autocast (``cpu_bf16``) and channels-last tensors
-  (``channels_last``). The defaults come from ``bench/speed.py`` on our
-  machines: see ``bench/results/speed.md``. bf16 autocast is only offered when
-  oneDNN reports native bf16 support (AVX512-BF16 / AMX); emulated bf16 is
-  slower than fp32.
+* On CPU, bf16 autocast (``cpu_bf16``) and channels-last tensors
+  (``channels_last``). bf16 autocast is only offered when oneDNN reports native
+  bf16 support (AVX512-BF16 / AMX). Whether it pays differs between CPUs that
+  report the same support: on one AVX512-BF16 Xeon a PreAct-ResNet18 training
+  step ran 3x *slower* under bf16 autocast, on an AVX512-BF16 EPYC 2.2x faster
+  (``bench/results/speed.md``). So unless the caller decides, the engine times
+  one training step of the actual model both ways and takes bf16 only when it
+  is clearly faster (:func:`choose_cpu_bf16`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import time
 from dataclasses import dataclass
 from typing import ContextManager
 
@@ -62,17 +67,54 @@ class DeviceOptions:
 
     device: str | None = None
     amp: bool | None = None            # CUDA fp16 autocast + GradScaler; default on with CUDA
-    cpu_bf16: bool | None = None       # CPU bf16 autocast; default off (see the speed bench)
+    cpu_bf16: bool | None = None       # CPU bf16 autocast; default: timed per model (choose_cpu_bf16)
     channels_last: bool | None = None  # default off on CPU (see the speed bench), on with CUDA AMP
     threads: int | None = None
 
 
-# Defaults for CPU, settled by bench/speed.py (see bench/results/speed.md): on our
-# AVX512-BF16 Xeon (no AMX), PreAct-ResNet18 AFT steps ran 4% slower channels-last
-# and 3x slower with bf16 autocast than in plain fp32, so fp32 stays the default
-# (it also keeps results bit-reproducible). Both remain opt-in.
-CPU_BF16_DEFAULT = False
+# Channels-last on CPU: 4% slower on one machine, ~10% faster on another (bench/speed.py);
+# not worth a per-run decision, so off unless asked for.
 CPU_CHANNELS_LAST_DEFAULT = False
+# bf16 autocast is chosen on CPU only when a timed training step is at least this much
+# faster than in fp32, and only for models whose fp32 step takes long enough to time.
+BF16_MIN_SPEEDUP = 1.5
+CALIBRATION_MIN_STEP_S = 0.02
+CALIBRATION_BATCH = 32
+
+
+def choose_cpu_bf16(model: nn.Module, input_shape: tuple[int, int, int], *,
+                    batch: int = CALIBRATION_BATCH) -> tuple[bool, float, float]:
+    """Time a training step (forward and backward) of a copy of ``model`` on a batch of
+    ``input_shape`` images in fp32 and under bf16 autocast; ``(use_bf16, fp32_s, bf16_s)``.
+
+    bf16 is chosen when the step is at least :data:`BF16_MIN_SPEEDUP` times faster and
+    the fp32 step takes at least :data:`CALIBRATION_MIN_STEP_S` (tiny models: fp32).
+    The caller's model, its BatchNorm statistics and the global random streams are
+    left untouched. Costs a few training steps of ``batch`` images.
+    """
+    probe = copy.deepcopy(model).cpu().train()
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+
+    def step(bf16: bool) -> float:
+        started = time.perf_counter()
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = probe(x)
+        out.float().logsumexp(dim=1).mean().backward()
+        probe.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    with torch.random.fork_rng(devices=[]):
+        step(False), step(True)  # warm-up: kernel selection, allocations
+        fp32_s = min(step(False), step(False))
+        if fp32_s < CALIBRATION_MIN_STEP_S:
+            return False, fp32_s, float("nan")
+        bf16_s = min(step(True), step(True))
+    return bf16_pays(fp32_s, bf16_s), fp32_s, bf16_s
+
+
+def bf16_pays(fp32_s: float, bf16_s: float) -> bool:
+    """The rule of :func:`choose_cpu_bf16` on two measured step times."""
+    return fp32_s >= CALIBRATION_MIN_STEP_S and fp32_s >= BF16_MIN_SPEEDUP * bf16_s
 
 
 @dataclass(frozen=True)
@@ -105,7 +147,11 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def make_runtime(options: DeviceOptions | None = None) -> Runtime:
+def make_runtime(options: DeviceOptions | None = None, *, model: nn.Module | None = None,
+                 input_shape: tuple[int, int, int] | None = None) -> Runtime:
+    """Resolve ``options`` for this machine. On a CPU with native bf16 and ``cpu_bf16``
+    unset, ``model`` and ``input_shape`` (C, H, W) let :func:`choose_cpu_bf16` decide;
+    without them it stays fp32."""
     options = options or DeviceOptions()
     set_threads(options.threads)
     device = select_device(options.device)
@@ -113,7 +159,18 @@ def make_runtime(options: DeviceOptions | None = None) -> Runtime:
         amp = True if options.amp is None else options.amp
         channels_last = amp if options.channels_last is None else options.channels_last
         return Runtime(device=device, autocast_dtype=torch.float16 if amp else None, channels_last=channels_last)
-    bf16 = CPU_BF16_DEFAULT if options.cpu_bf16 is None else options.cpu_bf16
+    if options.cpu_bf16 is None:
+        bf16 = False
+        if model is not None and input_shape is not None and cpu_supports_bf16():
+            try:
+                bf16, fp32_s, bf16_s = choose_cpu_bf16(model, input_shape)
+            except Exception:  # a model that cannot be copied or timed: stay with fp32
+                log.warning("cpu precision: could not time the model; using fp32", exc_info=True)
+                bf16, fp32_s, bf16_s = False, float("nan"), float("nan")
+            log.info("cpu precision: %s (training step of %d images: fp32 %.3f s, bf16 %.3f s)",
+                     "bf16 autocast" if bf16 else "fp32", CALIBRATION_BATCH, fp32_s, bf16_s)
+    else:
+        bf16 = options.cpu_bf16
     if bf16 and not cpu_supports_bf16():
         log.warning("bf16 autocast requested but this CPU has no native bf16; using fp32")
         bf16 = False

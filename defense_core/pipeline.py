@@ -441,7 +441,8 @@ def purify(
     _check_inputs(spec, clean, test, poisoned)
     options = config.device if device is None else dataclasses.replace(config.device, device=str(device))
     try:
-        runtime = make_runtime(options)
+        runtime = make_runtime(options, model=model,
+                               input_shape=(spec.in_channels, *spec.input_size))
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     started = time.monotonic()
