@@ -611,8 +611,11 @@ class PgStatusReader:
                 row = by_id.get(job_id)
                 if row is None or row[-1] != org_id:
                     future.set_exception(NotFound(f"job {job_id} not found"))
-                else:
+                    continue
+                try:
                     future.set_result(_status_document(row[:-1]))
+                except Exception as exc:  # one bad row must not leave the others waiting
+                    future.set_exception(exc)
         finally:
             self._busy -= 1
             self._dispatch()
