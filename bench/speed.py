@@ -37,7 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import CACHE_DIR, cache_key, machine_info, mnist_split
-from defense_core.device import DeviceOptions, Runtime, cpu_supports_bf16, make_runtime, set_threads
+from defense_core.device import (
+    BF16_MIN_SPEEDUP, CALIBRATION_BATCH, DeviceOptions, Runtime, choose_cpu_bf16, cpu_supports_bf16, make_runtime,
+    set_threads,
+)
 from defense_core.imageset import ImageSet
 from defense_core.metrics import predict
 from defense_core.pipeline import PurifyConfig, purify
@@ -65,6 +68,7 @@ def modes() -> dict[str, DeviceOptions]:
     out = {"fp32": DeviceOptions(device="cpu", cpu_bf16=False, channels_last=False),
            "channels_last": DeviceOptions(device="cpu", cpu_bf16=False, channels_last=True)}
     if cpu_supports_bf16():
+        out["bf16"] = DeviceOptions(device="cpu", cpu_bf16=True, channels_last=False)
         out["channels_last+bf16"] = DeviceOptions(device="cpu", cpu_bf16=True, channels_last=True)
     return out
 
@@ -227,6 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         aft = step_costs(runtime, batch=batch, warmup=1, repeats=max(2, repeats // 2), kinds=("AFT",))["AFT"]
         ev = eval_throughput(runtime, n=4 * batch, repeats=3)
         emit(f"| {name} | {aft:.3f} | {batch / aft:.0f} | {ev:.0f} |")
+    emit()
+    if cpu_supports_bf16():
+        use, fp32_s, bf16_s = choose_cpu_bf16(_model(make_runtime(modes()["fp32"])), (3, 32, 32))
+        emit(f"Default on this machine (a timed step of {CALIBRATION_BATCH} images, as each job does): "
+             f"**{'bf16 autocast' if use else 'fp32'}** (fp32 {fp32_s:.3f} s, bf16 {bf16_s:.3f} s; "
+             f"bf16 needs >= {BF16_MIN_SPEEDUP}x).")
+    else:
+        emit("Default on this machine: fp32 (no native bf16).")
     emit()
 
     if not args.skip_full:
