@@ -202,9 +202,11 @@ def merge(paths: list[Path], *, spec: ModelSpec, config: TrainConfig, out: Path)
         for r in data["rows"]:
             r["before"], r["after"] = StageMetrics(**r["before"]), StageMetrics(**r["after"])
             rows.append(Row(**r))
-        infos += [ModelInfo(**m) for m in data["models"]]
+        infos += [ModelInfo(**m) for m in data["models"] if m["name"] not in {i.name for i in infos}]
         curves.update({k: [CurvePoint(**p) for p in v] for k, v in data["curves"].items()})
         wall = max(wall, data["wall"])
+    # runs over the same model (e.g. a later run with more n values) repeat its "none" row
+    rows = list({(r.model, r.defense): r for r in rows}.values())
     out.write_text(render(rows, infos, curves, spec=spec, config=config, wall=wall, parallel=len(paths)))
     log.info("wrote %s", out)
 
@@ -350,8 +352,8 @@ def render(rows: list[Row], models: list[ModelInfo], curves: dict[str, list[Curv
         "",
         "## Summary (means over the attacked models: " + ", ".join(attacked) + ")",
         "",
-        "| defense | n used | CA | CA drop | ASR | RA | DER | clean control CA |",
-        "|---|---|---|---|---|---|---|---|",
+        "| defense | models | n used | CA | CA drop | ASR | RA | DER | clean control CA |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = list(dict.fromkeys(r.defense for r in rows))
     for label in labels:
@@ -363,7 +365,7 @@ def render(rows: list[Row], models: list[ModelInfo], curves: dict[str, list[Curv
         ns = sorted({r.neuron_ratio for r in group if r.neuron_ratio is not None})
         n_used = "–" if not ns else "/".join(f"{n:g}" for n in ns)
         lines.append(
-            f"| {label} | {n_used} | {_pct(mean([r.after.ca for r in group]))} "
+            f"| {label} | {len(group)} of {len(attacked)} | {n_used} | {_pct(mean([r.after.ca for r in group]))} "
             f"| {100 * mean([r.before.ca - r.after.ca for r in group]):.2f} "
             f"| {_pct(mean([r.after.asr for r in group]))} | {_pct(mean([r.after.ra for r in group]))} "
             f"| {'–' if label == 'none' else _pct(mean([r.der for r in group]))} "
