@@ -59,10 +59,13 @@ class StatusFastPath:
         path: str = scope["path"]
         if len(path) != len(PREFIX) + _UUID_TEXT_LEN or not path.startswith(PREFIX):
             return None
+        text = path[len(PREFIX):]
         try:
-            return uuid.UUID(path[len(PREFIX):])
+            job_id = uuid.UUID(text)
         except ValueError:
             return None
+        # only the canonical 8-4-4-4-12 form: uuid.UUID also takes hyphens anywhere
+        return job_id if str(job_id) == text.lower() else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         job_id = self._job_id(scope)

@@ -82,7 +82,9 @@ def test_cases_the_fast_path_does_not_own_reach_the_app(api: Api, model_bytes: b
     assert missing.headers["www-authenticate"] == "Bearer"
     assert_problem(api.client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer nope"}),
                    401, "unauthorized")
-    assert len(recorder.paths) == 6, recorder.paths
+    odd = job_id.replace("-", "")[:7] + "-" + job_id.replace("-", "")[7:] + "---"  # 36 chars, hyphens moved
+    api.client.get(f"/v1/jobs/{odd}", headers=owner.headers)  # whatever the router says, it says it
+    assert len(recorder.paths) == 7, recorder.paths
 
     # sub-resources are routed as before
     assert api.client.get(f"/v1/jobs/{job_id}/events", headers=owner.headers).status_code == 200
