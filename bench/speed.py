@@ -38,7 +38,7 @@ from torch import nn
 
 from bench.common import CACHE_DIR, cache_key, machine_info, mnist_split
 from defense_core.device import (
-    BF16_MIN_SPEEDUP, CALIBRATION_BATCH, DeviceOptions, Runtime, choose_cpu_bf16, cpu_supports_bf16, make_runtime,
+    BF16_MIN_SPEEDUP, CALIBRATION_BATCH, DeviceOptions, Runtime, choose_cpu_mode, cpu_supports_bf16, make_runtime,
     set_threads,
 )
 from defense_core.imageset import ImageSet
@@ -232,13 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         ev = eval_throughput(runtime, n=4 * batch, repeats=3)
         emit(f"| {name} | {aft:.3f} | {batch / aft:.0f} | {ev:.0f} |")
     emit()
-    if cpu_supports_bf16():
-        use, fp32_s, bf16_s = choose_cpu_bf16(_model(make_runtime(modes()["fp32"])), (3, 32, 32))
-        emit(f"Default on this machine (a timed step of {CALIBRATION_BATCH} images, as each job does): "
-             f"**{'bf16 autocast' if use else 'fp32'}** (fp32 {fp32_s:.3f} s, bf16 {bf16_s:.3f} s; "
-             f"bf16 needs >= {BF16_MIN_SPEEDUP}x).")
-    else:
-        emit("Default on this machine: fp32 (no native bf16).")
+    mode, times = choose_cpu_mode(_model(make_runtime(modes()["fp32"])), (3, 32, 32))
+    emit(f"Default on this machine (a timed step of {CALIBRATION_BATCH} images, as each job does): "
+         f"**{mode}** (" + ", ".join(f"{k} {v:.3f} s" for k, v in times.items())
+         + f"; a bf16 mode needs >= {BF16_MIN_SPEEDUP}x over fp32).")
     emit()
 
     if not args.skip_full:

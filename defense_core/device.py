@@ -6,10 +6,11 @@
   (``channels_last``). bf16 autocast is only offered when oneDNN reports native
   bf16 support (AVX512-BF16 / AMX). Whether it pays differs between CPUs that
   report the same support: on one AVX512-BF16 Xeon a PreAct-ResNet18 training
-  step ran 3x *slower* under bf16 autocast, on an AVX512-BF16 EPYC 2.2x faster
-  (``bench/results/speed.md``). So unless the caller decides, the engine times
-  one training step of the actual model both ways and takes bf16 only when it
-  is clearly faster (:func:`choose_cpu_bf16`).
+  step ran 3x *slower* under bf16 autocast, on an AVX512-BF16 EPYC 2x faster
+  (2.7x with channels-last, which was 4% slower on the Xeon; see
+  ``bench/results/speed.md``). So unless the caller decides, the engine times one
+  training step of the actual model in each mode and takes the fastest one that is
+  clearly faster than fp32 (:func:`choose_cpu_mode`).
 """
 
 from __future__ import annotations
@@ -67,54 +68,80 @@ class DeviceOptions:
 
     device: str | None = None
     amp: bool | None = None            # CUDA fp16 autocast + GradScaler; default on with CUDA
-    cpu_bf16: bool | None = None       # CPU bf16 autocast; default: timed per model (choose_cpu_bf16)
-    channels_last: bool | None = None  # default off on CPU (see the speed bench), on with CUDA AMP
+    cpu_bf16: bool | None = None       # CPU bf16 autocast; default: timed per model (choose_cpu_mode)
+    channels_last: bool | None = None  # CPU: timed per model, like cpu_bf16; on with CUDA AMP
     threads: int | None = None
 
 
-# Channels-last on CPU: 4% slower on one machine, ~10% faster on another (bench/speed.py);
-# not worth a per-run decision, so off unless asked for.
-CPU_CHANNELS_LAST_DEFAULT = False
-# bf16 autocast is chosen on CPU only when a timed training step is at least this much
-# faster than in fp32, and only for models whose fp32 step takes long enough to time.
+# On CPU, unless the caller decides, a mode is chosen per job by timing a training step
+# of the model (choose_cpu_mode). A mode other than fp32 must be clearly faster: bf16
+# changes the arithmetic, so it must gain at least BF16_MIN_SPEEDUP; channels-last alone
+# only the layout, CHANNELS_LAST_MIN_SPEEDUP. Models whose fp32 step is shorter than
+# CALIBRATION_MIN_STEP_S are not timed (fp32).
 BF16_MIN_SPEEDUP = 1.5
+CHANNELS_LAST_MIN_SPEEDUP = 1.1
 CALIBRATION_MIN_STEP_S = 0.02
 CALIBRATION_BATCH = 32
+CPU_MODES: dict[str, tuple[bool, bool]] = {  # name -> (bf16 autocast, channels-last)
+    "fp32": (False, False),
+    "channels_last": (False, True),
+    "bf16": (True, False),
+    "channels_last+bf16": (True, True),
+}
 
 
-def choose_cpu_bf16(model: nn.Module, input_shape: tuple[int, int, int], *,
-                    batch: int = CALIBRATION_BATCH) -> tuple[bool, float, float]:
-    """Time a training step (forward and backward) of a copy of ``model`` on a batch of
-    ``input_shape`` images in fp32 and under bf16 autocast; ``(use_bf16, fp32_s, bf16_s)``.
+def choose_cpu_mode(model: nn.Module, input_shape: tuple[int, int, int], *,
+                    bf16: bool | None = None, channels_last: bool | None = None,
+                    batch: int = CALIBRATION_BATCH) -> tuple[str, dict[str, float]]:
+    """Time a training step (forward and backward) of a copy of ``model`` on ``batch``
+    random images of ``input_shape`` in each CPU mode allowed by the pinned choices
+    (``bf16``/``channels_last`` not None), and return the chosen mode's name (a key of
+    :data:`CPU_MODES`) with the times in seconds.
 
-    bf16 is chosen when the step is at least :data:`BF16_MIN_SPEEDUP` times faster and
-    the fp32 step takes at least :data:`CALIBRATION_MIN_STEP_S` (tiny models: fp32).
-    The caller's model, its BatchNorm statistics and the global random streams are
-    left untouched. Costs a few training steps of ``batch`` images.
+    The chosen mode is the fastest one that :func:`mode_pays` over fp32; fp32 when none
+    does, when fp32 is pinned out, the first allowed mode. bf16 modes are timed only
+    where oneDNN runs bf16 natively. The caller's model, its BatchNorm statistics and the
+    global random streams are left untouched. Costs a few training steps of ``batch``.
     """
+    allowed = [name for name, (b, c) in CPU_MODES.items()
+               if (bf16 is None or b == bf16) and (channels_last is None or c == channels_last)
+               and (not b or cpu_supports_bf16())]
+    if len(allowed) <= 1:
+        return (allowed[0] if allowed else "fp32"), {}
     probe = copy.deepcopy(model).cpu().train()
     x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
 
-    def step(bf16: bool) -> float:
+    def step(name: str) -> float:
+        use_bf16, use_cl = CPU_MODES[name]
+        probe.to(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+        inp = x.contiguous(memory_format=torch.channels_last) if use_cl else x
         started = time.perf_counter()
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = probe(x)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            out = probe(inp)
         out.float().logsumexp(dim=1).mean().backward()
         probe.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
+    times: dict[str, float] = {}
     with torch.random.fork_rng(devices=[]):
-        step(False), step(True)  # warm-up: kernel selection, allocations
-        fp32_s = min(step(False), step(False))
-        if fp32_s < CALIBRATION_MIN_STEP_S:
-            return False, fp32_s, float("nan")
-        bf16_s = min(step(True), step(True))
-    return bf16_pays(fp32_s, bf16_s), fp32_s, bf16_s
+        for name in allowed:  # warm-up: kernel selection, allocations
+            step(name)
+        for name in allowed:
+            times[name] = min(step(name), step(name))
+    base = times.get("fp32")
+    if base is None:  # fp32 pinned out (e.g. bf16=True): the fastest allowed mode
+        return min(times, key=times.__getitem__), times
+    if base < CALIBRATION_MIN_STEP_S:
+        return "fp32", times
+    paying = [name for name in times if name == "fp32" or mode_pays(name, base, times[name])]
+    return min(paying, key=times.__getitem__), times
 
 
-def bf16_pays(fp32_s: float, bf16_s: float) -> bool:
-    """The rule of :func:`choose_cpu_bf16` on two measured step times."""
-    return fp32_s >= CALIBRATION_MIN_STEP_S and fp32_s >= BF16_MIN_SPEEDUP * bf16_s
+def mode_pays(name: str, fp32_s: float, mode_s: float) -> bool:
+    """Whether ``name`` is enough faster than fp32 to be chosen (see :func:`choose_cpu_mode`)."""
+    use_bf16, _ = CPU_MODES[name]
+    need = BF16_MIN_SPEEDUP if use_bf16 else CHANNELS_LAST_MIN_SPEEDUP
+    return fp32_s >= CALIBRATION_MIN_STEP_S and fp32_s >= need * mode_s
 
 
 @dataclass(frozen=True)
@@ -149,9 +176,9 @@ class Runtime:
 
 def make_runtime(options: DeviceOptions | None = None, *, model: nn.Module | None = None,
                  input_shape: tuple[int, int, int] | None = None) -> Runtime:
-    """Resolve ``options`` for this machine. On a CPU with native bf16 and ``cpu_bf16``
-    unset, ``model`` and ``input_shape`` (C, H, W) let :func:`choose_cpu_bf16` decide;
-    without them it stays fp32."""
+    """Resolve ``options`` for this machine. On CPU, with ``cpu_bf16`` or
+    ``channels_last`` unset, ``model`` and ``input_shape`` (C, H, W) let
+    :func:`choose_cpu_mode` decide them; without a model: fp32, contiguous."""
     options = options or DeviceOptions()
     set_threads(options.threads)
     device = select_device(options.device)
@@ -159,22 +186,22 @@ def make_runtime(options: DeviceOptions | None = None, *, model: nn.Module | Non
         amp = True if options.amp is None else options.amp
         channels_last = amp if options.channels_last is None else options.channels_last
         return Runtime(device=device, autocast_dtype=torch.float16 if amp else None, channels_last=channels_last)
-    if options.cpu_bf16 is None:
-        bf16 = False
-        if model is not None and input_shape is not None and cpu_supports_bf16():
-            try:
-                bf16, fp32_s, bf16_s = choose_cpu_bf16(model, input_shape)
-            except Exception:  # a model that cannot be copied or timed: stay with fp32
-                log.warning("cpu precision: could not time the model; using fp32", exc_info=True)
-                bf16, fp32_s, bf16_s = False, float("nan"), float("nan")
-            log.info("cpu precision: %s (training step of %d images: fp32 %.3f s, bf16 %.3f s)",
-                     "bf16 autocast" if bf16 else "fp32", CALIBRATION_BATCH, fp32_s, bf16_s)
-    else:
-        bf16 = options.cpu_bf16
+    bf16 = options.cpu_bf16
+    channels_last = options.channels_last
     if bf16 and not cpu_supports_bf16():
         log.warning("bf16 autocast requested but this CPU has no native bf16; using fp32")
         bf16 = False
-    channels_last = CPU_CHANNELS_LAST_DEFAULT if options.channels_last is None else options.channels_last
+    if (bf16 is None or channels_last is None) and model is not None and input_shape is not None:
+        try:
+            mode, times = choose_cpu_mode(model, input_shape, bf16=bf16, channels_last=channels_last)
+        except Exception:  # a model that cannot be copied or timed: the plain defaults
+            log.warning("cpu mode: could not time the model; using the defaults", exc_info=True)
+        else:
+            bf16, channels_last = CPU_MODES[mode]
+            log.info("cpu mode: %s (training step of %d images: %s)", mode, CALIBRATION_BATCH,
+                     ", ".join(f"{k} {v:.3f} s" for k, v in times.items()) or "not timed")
+    bf16 = bool(bf16)
+    channels_last = bool(channels_last)
     return Runtime(device=device, autocast_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last)
 
 

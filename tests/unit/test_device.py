@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from defense_core import device as dev
-from defense_core.device import DeviceOptions, bf16_pays, choose_cpu_bf16, make_runtime
+from defense_core.device import DeviceOptions, choose_cpu_mode, make_runtime, mode_pays
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 
@@ -18,22 +18,24 @@ def test_calibration_leaves_the_model_and_random_streams_untouched() -> None:
     model = create_model(SPEC).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.get_rng_state()
-    use_bf16, fp32_s, _ = choose_cpu_bf16(model, (1, 16, 16))
-    assert fp32_s > 0
+    mode, times = choose_cpu_mode(model, (1, 16, 16))
+    assert times["fp32"] > 0 and "channels_last" in times
     assert torch.equal(torch.get_rng_state(), state)
     for name, value in model.state_dict().items():  # BatchNorm statistics included
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in model.parameters())
-    # a model this small is timed but too fast to be worth bf16
-    assert use_bf16 is False
+    # a model this small is timed but too fast to be worth leaving fp32
+    assert mode == "fp32"
 
 
 def test_bf16_only_when_clearly_faster() -> None:
-    assert bf16_pays(0.10, 0.05)              # 2x faster
-    assert bf16_pays(0.31, 0.20)              # just over 1.5x
-    assert not bf16_pays(0.10, 0.08)          # 1.25x: not worth leaving fp32
-    assert not bf16_pays(0.10, 0.30)          # slower (seen on an AVX512-BF16 Xeon)
-    assert not bf16_pays(0.01, 0.001)         # too fast to time reliably
+    assert mode_pays("bf16", 0.10, 0.05)                   # 2x faster
+    assert mode_pays("channels_last+bf16", 0.31, 0.20)     # just over 1.5x
+    assert not mode_pays("bf16", 0.10, 0.08)               # 1.25x: not worth leaving fp32
+    assert not mode_pays("bf16", 0.10, 0.30)               # slower (seen on an AVX512-BF16 Xeon)
+    assert not mode_pays("bf16", 0.01, 0.001)              # too fast to time reliably
+    assert mode_pays("channels_last", 0.10, 0.08)          # layout only: 1.25x is enough
+    assert not mode_pays("channels_last", 0.10, 0.096)     # 4% (the Xeon): not enough
 
 
 def test_explicit_choice_wins_and_unset_without_a_model_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,8 +46,28 @@ def test_explicit_choice_wins_and_unset_without_a_model_is_fp32(monkeypatch: pyt
                         input_shape=(1, 16, 16)).autocast_dtype is None
     assert make_runtime(DeviceOptions(device="cpu")).autocast_dtype is None
     called = []
-    monkeypatch.setattr(dev, "choose_cpu_bf16", lambda m, shape: called.append(shape) or (True, 0.1, 0.05))
+
+    def fake_choice(m, shape, *, bf16, channels_last):
+        called.append((shape, bf16, channels_last))
+        return "channels_last+bf16", {}
+
+    monkeypatch.setattr(dev, "choose_cpu_mode", fake_choice)
     runtime = make_runtime(DeviceOptions(device="cpu"), model=model, input_shape=(1, 16, 16))
-    assert called == [(1, 16, 16)] and runtime.autocast_dtype == torch.bfloat16
+    assert called == [((1, 16, 16), None, None)]
+    assert runtime.autocast_dtype == torch.bfloat16 and runtime.channels_last
+    # a pinned choice is passed on, so only modes that respect it are timed
+    make_runtime(DeviceOptions(device="cpu", channels_last=False), model=model, input_shape=(1, 16, 16))
+    assert called[-1] == ((1, 16, 16), None, False)
+    # both pinned: nothing is timed
+    make_runtime(DeviceOptions(device="cpu", cpu_bf16=False, channels_last=False), model=model,
+                 input_shape=(1, 16, 16))
+    assert len(called) == 2
+
+
+def test_modes_respect_pins_and_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model(SPEC)
     monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: False)
-    assert make_runtime(DeviceOptions(device="cpu"), model=model, input_shape=(1, 16, 16)).autocast_dtype is None
+    _, times = choose_cpu_mode(model, (1, 16, 16))
+    assert set(times) == {"fp32", "channels_last"}       # no bf16 timing without native bf16
+    mode, times = choose_cpu_mode(model, (1, 16, 16), channels_last=False)
+    assert (mode, times) == ("fp32", {})                  # one mode left: nothing to time
