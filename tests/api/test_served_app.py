@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from api.core.settings import Settings
 from api.main import create_app
-from tests.api.conftest import Api, npz_bytes, SPEC
+from tests.api.conftest import Api, SPEC
 from tests.api.test_jobs import create_job, upload_inputs
 from defense_core.loading import save_safetensors
 from defense_core.registry import create_model
@@ -34,7 +34,6 @@ with TestClient(app) as client:
     api = Api(app=app, client=client, settings=settings)
     tenant = api.tenant()
     path = data / "m.safetensors"
-    import torch
     save_safetensors(create_model(ModelSpec.from_dict(SPEC)).state_dict(), path)
     inputs = upload_inputs(api, tenant, path.read_bytes())
     job = create_job(api, tenant, inputs.body())
