@@ -59,6 +59,7 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
     "clean": None,
 }
 DEFENSES = ("ft", "default", "auto", "rule", "sweep")
+TSBD_DEFENSES = frozenset(DEFENSES) - {"ft"}
 TRAIN_CONFIG = TrainConfig(epochs=6, lr=0.02, batch_size=128, augment=AugmentConfig(crop_padding=2))
 
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-values", default="0.01,0.05,0.1,0.2,0.3",
                         help="TSBD neuron ratios to sweep (empty: no sweep)")
     parser.add_argument("--defenses", default=",".join(DEFENSES),
-                        help="comma-separated subset of " + ",".join(DEFENSES) + " (the stage-1 curve is always made)")
+                        help="comma-separated subset of " + ",".join(DEFENSES)
+                        + " (the stage-1 curve is made whenever a TSBD defense runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
@@ -163,9 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     for trained in models:
         trigger = trained.trigger or probe
         poisoned = make_poisoned_test_set(split.test, trigger)
-        model_rows, curves[trained.name] = defend(trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values,
-                                                        defenses=defenses)
+        model_rows, curve = defend(trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values,
+                                   defenses=defenses)
         rows.extend(model_rows)
+        if curve:
+            curves[trained.name] = curve
         infos = [ModelInfo(m.name, m.trigger is not None, m.from_cache, m.train_seconds) for m in models]
         partial = render(rows, infos, curves, spec=spec, config=config, wall=time.perf_counter() - wall)
         args.out.with_suffix(".partial.md").write_text(partial)
@@ -255,6 +259,8 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
         ft = purify(model, spec, split.clean, test=split.test, poisoned=poisoned,
                     config=PurifyConfig.from_params({}, defense="ft"))
         rows.append(_row(trained.name, "FT", ft))
+    if not defenses & TSBD_DEFENSES:  # FT only: no unlearning, no stage-1 curve
+        return rows, []
 
     config = PurifyConfig()
     # the precision purify() would choose on this machine (bf16 autocast where it pays)
@@ -385,6 +391,9 @@ def render(rows: list[Row], models: list[ModelInfo], curves: dict[str, list[Curv
             f"| {'–' if r.defense == 'none' else _pct(r.der)} | {'–' if r.unlearn_steps is None else r.unlearn_steps} "
             f"| {r.aft_steps} | {r.seconds:.0f} |"
         )
+    if not curves:
+        lines.append("")
+        return "\n".join(lines)
     grid = [p.n for p in next(iter(curves.values()))]
     lines += [
         "",
