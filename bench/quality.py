@@ -30,7 +30,7 @@ from torch import nn
 
 from bench.common import CACHE_DIR, MnistSplit, cache_key, machine_info, mnist_split
 from defense_core.attacks import TriggerSpec, make_poisoned_test_set
-from defense_core.device import make_runtime
+from defense_core.device import DeviceOptions, make_runtime
 from defense_core.imageset import ImageSet
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
@@ -60,6 +60,10 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
 }
 DEFENSES = ("ft", "default", "auto", "rule", "sweep")
 TSBD_DEFENSES = frozenset(DEFENSES) - {"ft"}
+# the engine's default device choice, with the timed CPU mode remembered across the
+# benchmark's processes so that every run on this machine computes the same way
+DEVICE = DeviceOptions(mode_cache=str(CACHE_DIR / "cpu-modes.json"))
+TSBD_ONLY_PARAMS = frozenset({"alpha", "weight_ratio", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc"})
 TRAIN_CONFIG = TrainConfig(epochs=6, lr=0.02, batch_size=128, augment=AugmentConfig(crop_padding=2))
 
 
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defenses", default=",".join(DEFENSES),
                         help="comma-separated subset of " + ",".join(DEFENSES)
                         + " (the stage-1 curve is made whenever a TSBD defense runs)")
+    parser.add_argument("--params", type=json.loads, default={},
+                        help="defense parameters as a JSON object, as the API and `cleanroom purify` take them "
+                             "(e.g. '{\"rho\": 2}'); they go to every defense run and are shown in the row labels")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
 
     n_values = [float(v) for v in args.n_values.split(",") if v.strip()]
     defenses = {d.strip() for d in args.defenses.split(",") if d.strip()}
+    if not isinstance(args.params, dict) or "neuron_ratio" in args.params:
+        parser.error("--params must be a JSON object without neuron_ratio (n comes from --defenses and --n-values)")
     if unknown := defenses - set(DEFENSES):
         parser.error(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
     rows: list[Row] = []
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         trigger = trained.trigger or probe
         poisoned = make_poisoned_test_set(split.test, trigger)
         model_rows, curve = defend(trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values,
-                                   defenses=defenses)
+                                   defenses=defenses, params=args.params)
         rows.extend(model_rows)
         if curve:
             curves[trained.name] = curve
@@ -244,7 +253,8 @@ def _row(model: str, label: str, result: PurificationResult) -> Row:
 
 
 def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisoned: ImageSet,
-           n_values: list[float], defenses: set[str] = set(DEFENSES)) -> tuple[list[Row], list[CurvePoint]]:
+           n_values: list[float], defenses: set[str] = set(DEFENSES),
+           params: dict[str, Any] | None = None) -> tuple[list[Row], list[CurvePoint]]:
     """FT through :func:`purify`; TSBD for every n from ONE unlearning run.
 
     The TSBD rows call the pipeline's stage functions with the pipeline's
@@ -252,20 +262,24 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
     row is the result ``purify`` gives; sharing the unlearning makes the n
     sweep affordable on a CPU.
     """
+    params = dict(params or {})
+    suffix = "".join(f" {k}={v}" for k, v in sorted(params.items()))
     model = trained.model
     before = evaluate(model, spec, test=split.test, poisoned=poisoned)
     rows = [Row(trained.name, "none", before, before, None, None, 0, 0.0)]
     if "ft" in defenses:
         ft = purify(model, spec, split.clean, test=split.test, poisoned=poisoned,
-                    config=PurifyConfig.from_params({}, defense="ft"))
-        rows.append(_row(trained.name, "FT", ft))
+                    config=dataclasses.replace(PurifyConfig.from_params(
+                        {k: v for k, v in params.items() if k not in TSBD_ONLY_PARAMS}, defense="ft"), device=DEVICE))
+        rows.append(_row(trained.name, "FT" + suffix, ft))
     if not defenses & TSBD_DEFENSES:  # FT only: no unlearning, no stage-1 curve
         return rows, []
 
-    config = PurifyConfig()
-    # the precision purify() would choose on this machine (bf16 autocast where it pays)
+    config = dataclasses.replace(PurifyConfig.from_params(params), device=DEVICE)
+    # the CPU mode purify() would use on this machine (the same remembered choice)
     runtime = make_runtime(config.device, model=model, input_shape=(spec.in_channels, *spec.input_size))
-    log.info("%s: runtime %s", trained.name, "bf16 autocast" if runtime.autocast_dtype else "fp32")
+    log.info("%s: runtime %s%s", trained.name, "bf16 autocast" if runtime.autocast_dtype else "fp32",
+             ", channels-last" if runtime.channels_last else "")
     started = time.perf_counter()
     unlearned = copy.deepcopy(model)
     unlearning = unlearn_(
@@ -305,7 +319,7 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
             done[n] = Row(trained.name, label, before, after, reinit.neuron_ratio, unlearning.steps,
                           finetune.steps, unlearn_seconds + time.perf_counter() - started)
             log.info("%s / %s: %s -> %s", trained.name, label, before.to_dict(), after.to_dict())
-        rows.append(dataclasses.replace(done[n], defense=label))
+        rows.append(dataclasses.replace(done[n], defense=label + suffix))
     return rows, curve
 
 

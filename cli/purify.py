@@ -13,6 +13,7 @@ with status 2 and one line on stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
@@ -25,6 +26,11 @@ MAX_JSON_BYTES = 1 << 20
 def register(app: typer.Typer) -> None:
     """Add ``cleanroom purify`` to the root command."""
     app.command("purify", help="Purify a (possibly backdoored) classifier with TSBD or fine-tuning.")(purify_command)
+
+
+def _default_mode_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cleanroom" / "cpu-modes.json"
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -122,6 +128,7 @@ def purify_command(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads.")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="CPU bf16 autocast (default: chosen by timing a training step of the model; see --channels-last).")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format (default on CPU: chosen by timing a training step of the model in each mode; bf16 must be >= 1.5x and channels-last alone >= 1.1x faster than fp32).")] = None,
+    cpu_mode_cache: Annotated[Optional[Path], typer.Option(help="JSON file that remembers the timed CPU mode per model architecture and input shape, so repeated runs on this machine compute the same way (default: $XDG_CACHE_HOME/cleanroom/cpu-modes.json, else ~/.cache/...).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the Result document on stdout.")] = False,
 ) -> None:
     from rich.console import Console
@@ -175,7 +182,8 @@ def _run(args: dict[str, Any], *, err: Any) -> None:
     if args["threads"] is not None and args["threads"] < 1:
         raise InputError("--threads must be >= 1")
     config = dataclasses.replace(config, device=DeviceOptions(
-        device=args["device"], cpu_bf16=args["bf16"], channels_last=args["channels_last"], threads=args["threads"]))
+        device=args["device"], cpu_bf16=args["bf16"], channels_last=args["channels_last"], threads=args["threads"],
+        mode_cache=str(args["cpu_mode_cache"] or _default_mode_cache())))
 
     model_spec = ModelSpec.from_dict(_read_json(args["spec"], "spec"))
     net = load_model(args["model"], model_spec)

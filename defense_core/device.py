@@ -11,15 +11,27 @@
   ``bench/results/speed.md``). So unless the caller decides, the engine times one
   training step of the actual model in each mode and takes the fastest one that is
   clearly faster than fp32 (:func:`choose_cpu_mode`).
+* The modes round differently, so a timed choice that flipped between runs would make
+  results differ for the same inputs and seed. The choice is therefore made once per
+  workload (model architecture, input shape, threads, CPU, torch) and remembered: in
+  the process, and across processes in a JSON file when ``DeviceOptions.mode_cache``
+  names one (:class:`CpuModeCache`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
+import platform
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ContextManager
 
 import torch
@@ -71,6 +83,7 @@ class DeviceOptions:
     cpu_bf16: bool | None = None       # CPU bf16 autocast; default: timed per model (choose_cpu_mode)
     channels_last: bool | None = None  # CPU: timed per model, like cpu_bf16; on with CUDA AMP
     threads: int | None = None
+    mode_cache: str | None = None      # JSON file remembering timed CPU mode choices across processes
 
 
 # On CPU, unless the caller decides, a mode is chosen per job by timing a training step
@@ -144,6 +157,119 @@ def mode_pays(name: str, fp32_s: float, mode_s: float) -> bool:
     return fp32_s >= CALIBRATION_MIN_STEP_S and fp32_s >= need * mode_s
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def workload_key(model: nn.Module, input_shape: tuple[int, int, int], *,
+                 bf16: bool | None, channels_last: bool | None) -> str:
+    """What a timed mode choice depends on: the model's parameter and buffer names,
+    shapes and dtypes (not their values), the input shape, the pinned choices, the
+    thread count, the CPU and the torch version."""
+    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in (*model.named_parameters(), *model.named_buffers())]
+    doc = {"model": type(model).__name__, "tensors": tensors, "input": list(input_shape), "bf16": bf16,
+           "channels_last": channels_last, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+           "torch": torch.__version__, "batch": CALIBRATION_BATCH}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+class CpuModeCache:
+    """Timed CPU mode choices by :func:`workload_key`: in memory, and in ``path`` (a small
+    JSON object) when given, so that every process on a machine makes the same choice.
+    An unreadable or malformed file counts as empty; writes are atomic (temp file, rename)."""
+
+    MAX_ENTRIES = 1024
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._memory: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _read_file(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
+        try:
+            if self.path.stat().st_size > 1 << 20:
+                return {}
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and v in CPU_MODES}
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            if key not in self._memory:
+                found = self._read_file().get(key)
+                if found is None:
+                    return None
+                self._memory[key] = found
+            return self._memory[key]
+
+    def put(self, key: str, mode: str) -> str:
+        """Remember ``mode`` for ``key`` unless a choice is already stored; return the stored one."""
+        with self._lock:
+            stored = self._memory.get(key) or self._read_file().get(key)
+            if stored is not None:
+                self._memory[key] = stored
+                return stored
+            self._memory[key] = mode
+            if self.path is not None:
+                try:
+                    self._write_file({**self._read_file(), key: mode})
+                except OSError:
+                    log.warning("cpu mode: could not write %s", self.path, exc_info=True)
+            return mode
+
+    def _write_file(self, data: dict[str, str]) -> None:
+        assert self.path is not None
+        while len(data) > self.MAX_ENTRIES:  # oldest first (insertion order)
+            data.pop(next(iter(data)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cpu-modes-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+_PROCESS_CACHES: dict[str | None, CpuModeCache] = {}
+_PROCESS_CACHES_LOCK = threading.Lock()
+
+
+def mode_cache(path: str | None = None) -> CpuModeCache:
+    """The process-wide cache for ``path`` (``None``: memory only)."""
+    with _PROCESS_CACHES_LOCK:
+        if path not in _PROCESS_CACHES:
+            _PROCESS_CACHES[path] = CpuModeCache(path)
+        return _PROCESS_CACHES[path]
+
+
+def remembered_cpu_mode(model: nn.Module, input_shape: tuple[int, int, int], *,
+                        bf16: bool | None = None, channels_last: bool | None = None,
+                        cache: CpuModeCache | None = None) -> tuple[str, dict[str, float]]:
+    """:func:`choose_cpu_mode`, made once per workload: a remembered choice is returned
+    without timing (times ``{}``); a new one is timed and stored."""
+    cache = cache if cache is not None else mode_cache()
+    key = workload_key(model, input_shape, bf16=bf16, channels_last=channels_last)
+    stored = cache.get(key)
+    if stored is not None:
+        return stored, {}
+    mode, times = choose_cpu_mode(model, input_shape, bf16=bf16, channels_last=channels_last)
+    return cache.put(key, mode), times
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The resolved choices; stages take one of these instead of loose flags."""
@@ -193,13 +319,17 @@ def make_runtime(options: DeviceOptions | None = None, *, model: nn.Module | Non
         bf16 = False
     if (bf16 is None or channels_last is None) and model is not None and input_shape is not None:
         try:
-            mode, times = choose_cpu_mode(model, input_shape, bf16=bf16, channels_last=channels_last)
+            mode, times = remembered_cpu_mode(model, input_shape, bf16=bf16, channels_last=channels_last,
+                                              cache=mode_cache(options.mode_cache))
         except Exception:  # a model that cannot be copied or timed: the plain defaults
             log.warning("cpu mode: could not time the model; using the defaults", exc_info=True)
         else:
             bf16, channels_last = CPU_MODES[mode]
-            log.info("cpu mode: %s (training step of %d images: %s)", mode, CALIBRATION_BATCH,
-                     ", ".join(f"{k} {v:.3f} s" for k, v in times.items()) or "not timed")
+            if times:
+                log.info("cpu mode: %s (training step of %d images: %s)", mode, CALIBRATION_BATCH,
+                         ", ".join(f"{k} {v:.3f} s" for k, v in times.items()))
+            else:
+                log.info("cpu mode: %s (chosen earlier for this workload on this machine)", mode)
     bf16 = bool(bf16)
     channels_last = bool(channels_last)
     return Runtime(device=device, autocast_dtype=torch.bfloat16 if bf16 else None, channels_last=channels_last)

@@ -21,6 +21,13 @@ SPEC = {"arch": "small_cnn", "num_classes": 4, "in_channels": 1, "input_size": [
 FAST = ["--unlearn-max-steps", "3", "--ft-epochs", "1", "--ft-min-steps", "2", "--batch-size", "32"]
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The CLI's default CPU mode cache goes under $XDG_CACHE_HOME: keep it in the test's folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture()
 def files(tmp_path: Path) -> dict[str, Path]:
     torch.manual_seed(0)
@@ -55,6 +62,24 @@ def test_purify_json_document_on_stdout(files: dict[str, Path]) -> None:
     assert doc["model_sha256"] == hashlib.sha256(files["out"].read_bytes()).hexdigest()
     purified = load_model(files["out"], ModelSpec.from_dict(SPEC))
     assert set(purified.state_dict()) == set(create_model(ModelSpec.from_dict(SPEC)).state_dict())
+
+
+def test_purify_remembers_the_cpu_mode_in_the_user_cache(files: dict[str, Path], user_cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from defense_core import device as dev
+
+    monkeypatch.setattr(dev, "_PROCESS_CACHES", {})  # as if in a new process
+    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
+    args = ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    stored = json.loads((user_cache / "cleanroom" / "cpu-modes.json").read_text())
+    assert list(stored.values()) == ["channels_last"]
+    # the next run (another process) takes the stored choice instead of timing again
+    monkeypatch.setattr(dev, "_PROCESS_CACHES", {})
+    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
 
 
 def test_purify_ft_table_output(files: dict[str, Path]) -> None:

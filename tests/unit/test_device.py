@@ -24,8 +24,10 @@ def test_calibration_leaves_the_model_and_random_streams_untouched() -> None:
     for name, value in model.state_dict().items():  # BatchNorm statistics included
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in model.parameters())
-    # a model this small is timed but too fast to be worth leaving fp32
-    assert mode == "fp32"
+    # the choice follows the rule for the measured times (on a quiet machine a model
+    # this small is too fast to time and stays fp32; on a loaded one it may not be)
+    paying = [m for m in times if m == "fp32" or mode_pays(m, times["fp32"], times[m])]
+    assert mode == min(paying, key=times.__getitem__)
 
 
 def test_bf16_only_when_clearly_faster() -> None:
@@ -36,6 +38,12 @@ def test_bf16_only_when_clearly_faster() -> None:
     assert not mode_pays("bf16", 0.01, 0.001)              # too fast to time reliably
     assert mode_pays("channels_last", 0.10, 0.08)          # layout only: 1.25x is enough
     assert not mode_pays("channels_last", 0.10, 0.096)     # 4% (the Xeon): not enough
+
+
+@pytest.fixture(autouse=True)
+def fresh_mode_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no remembered CPU mode choices."""
+    monkeypatch.setattr(dev, "_PROCESS_CACHES", {})
 
 
 def test_explicit_choice_wins_and_unset_without_a_model_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,3 +79,44 @@ def test_modes_respect_pins_and_hardware(monkeypatch: pytest.MonkeyPatch) -> Non
     assert set(times) == {"fp32", "channels_last"}       # no bf16 timing without native bf16
     mode, times = choose_cpu_mode(model, (1, 16, 16), channels_last=False)
     assert (mode, times) == ("fp32", {})                  # one mode left: nothing to time
+
+
+def test_cpu_mode_is_timed_once_per_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model(SPEC)
+    answers = iter(["channels_last", "fp32", "fp32"])
+    calls = []
+
+    def flaky_choice(m, shape, *, bf16, channels_last):  # what a loaded machine may do
+        calls.append(shape)
+        return next(answers), {"fp32": 0.1}
+
+    monkeypatch.setattr(dev, "choose_cpu_mode", flaky_choice)
+    first = make_runtime(DeviceOptions(device="cpu"), model=model, input_shape=(1, 16, 16))
+    again = make_runtime(DeviceOptions(device="cpu"), model=create_model(SPEC), input_shape=(1, 16, 16))
+    assert first.channels_last and again == first and calls == [(1, 16, 16)]
+    # another workload (input shape) is timed on its own
+    other = make_runtime(DeviceOptions(device="cpu"), model=model, input_shape=(1, 20, 20))
+    assert not other.channels_last and calls == [(1, 16, 16), (1, 20, 20)]
+
+
+def test_cpu_mode_choice_is_shared_through_the_cache_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "modes" / "cpu-modes.json"
+    model = create_model(SPEC)
+    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
+    mode, times = dev.remembered_cpu_mode(model, (1, 16, 16), cache=dev.CpuModeCache(path))
+    assert mode == "channels_last" and times
+    # a new process (a fresh cache on the same file) reuses it without timing
+    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
+    assert dev.remembered_cpu_mode(model, (1, 16, 16), cache=dev.CpuModeCache(path)) == ("channels_last", {})
+    runtime = make_runtime(DeviceOptions(device="cpu", mode_cache=str(path)), model=model, input_shape=(1, 16, 16))
+    assert runtime.channels_last
+
+
+def test_cpu_mode_cache_file_that_is_not_ours_counts_as_empty(tmp_path) -> None:
+    path = tmp_path / "cpu-modes.json"
+    for text in ("not json", "[1, 2]", '{"k": "turbo"}'):
+        path.write_text(text)
+        cache = dev.CpuModeCache(path)
+        assert cache.get("k") is None
+        assert cache.put("k", "fp32") == "fp32"
+        assert dev.CpuModeCache(path).get("k") == "fp32"
