@@ -210,7 +210,7 @@ class CpuModeCache:
                 found = self._read_file().get(key)
                 if found is None:
                     return None
-                self._memory[key] = found
+                self._remember(key, found)
             return self._memory[key]
 
     def put(self, key: str, mode: str) -> str:
@@ -218,15 +218,20 @@ class CpuModeCache:
         with self._lock:
             stored = self._memory.get(key) or self._read_file().get(key)
             if stored is not None:
-                self._memory[key] = stored
+                self._remember(key, stored)
                 return stored
-            self._memory[key] = mode
+            self._remember(key, mode)
             if self.path is not None:
                 try:
                     self._write_file({**self._read_file(), key: mode})
                 except OSError:
                     log.warning("cpu mode: could not write %s", self.path, exc_info=True)
             return mode
+
+    def _remember(self, key: str, mode: str) -> None:
+        self._memory[key] = mode
+        while len(self._memory) > self.MAX_ENTRIES:  # oldest first (insertion order)
+            self._memory.pop(next(iter(self._memory)))
 
     def _write_file(self, data: dict[str, str]) -> None:
         assert self.path is not None

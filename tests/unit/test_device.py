@@ -120,3 +120,12 @@ def test_cpu_mode_cache_file_that_is_not_ours_counts_as_empty(tmp_path) -> None:
         assert cache.get("k") is None
         assert cache.put("k", "fp32") == "fp32"
         assert dev.CpuModeCache(path).get("k") == "fp32"
+
+
+def test_cpu_mode_cache_is_bounded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dev.CpuModeCache, "MAX_ENTRIES", 3)
+    cache = dev.CpuModeCache(tmp_path / "cpu-modes.json")
+    for i in range(5):
+        cache.put(f"k{i}", "fp32")
+    assert len(cache._memory) == 3 and cache.get("k4") == "fp32"
+    assert sorted(dev.CpuModeCache(tmp_path / "cpu-modes.json")._read_file()) == ["k2", "k3", "k4"]
