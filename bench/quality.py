@@ -31,6 +31,7 @@ from torch import nn
 from bench.common import CACHE_DIR, MnistSplit, cache_key, machine_info, mnist_split
 from defense_core.attacks import TriggerSpec, make_poisoned_test_set
 from defense_core.device import DeviceOptions, make_runtime
+from defense_core.errors import InputError
 from defense_core.imageset import ImageSet
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="render --out from the JSON of several runs (e.g. model subsets run in parallel)")
     args = parser.parse_args(argv)
+    if not isinstance(args.params, dict) or "neuron_ratio" in args.params:
+        parser.error("--params must be a JSON object without neuron_ratio (n comes from --defenses and --n-values)")
+    try:
+        PurifyConfig.from_params(args.params)
+    except InputError as exc:
+        parser.error(f"--params: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     if args.merge:
@@ -164,8 +171,6 @@ def main(argv: list[str] | None = None) -> None:
 
     n_values = [float(v) for v in args.n_values.split(",") if v.strip()]
     defenses = {d.strip() for d in args.defenses.split(",") if d.strip()}
-    if not isinstance(args.params, dict) or "neuron_ratio" in args.params:
-        parser.error("--params must be a JSON object without neuron_ratio (n comes from --defenses and --n-values)")
     if unknown := defenses - set(DEFENSES):
         parser.error(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}")
     rows: list[Row] = []
