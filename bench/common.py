@@ -13,20 +13,14 @@ from typing import Any
 
 import torch
 
+from defense_core.device import cpu_name
 from defense_core.imageset import ImageSet
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 
 
 def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu,

@@ -35,7 +35,7 @@ from defense_core.errors import InputError
 from defense_core.imageset import ImageSet
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
-from defense_core.pipeline import PurificationResult, PurifyConfig, purify
+from defense_core.pipeline import TSBD_ONLY_PARAMS, PurificationResult, PurifyConfig, purify
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model
@@ -64,7 +64,6 @@ TSBD_DEFENSES = frozenset(DEFENSES) - {"ft"}
 # the engine's default device choice, with the timed CPU mode remembered across the
 # benchmark's processes so that every run on this machine computes the same way
 DEVICE = DeviceOptions(mode_cache=str(CACHE_DIR / "cpu-modes.json"))
-TSBD_ONLY_PARAMS = frozenset({"alpha", "weight_ratio", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc"})
 TRAIN_CONFIG = TrainConfig(epochs=6, lr=0.02, batch_size=128, augment=AugmentConfig(crop_padding=2))
 
 

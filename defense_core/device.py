@@ -157,7 +157,8 @@ def mode_pays(name: str, fp32_s: float, mode_s: float) -> bool:
     return fp32_s >= CALIBRATION_MIN_STEP_S and fp32_s >= need * mode_s
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -174,7 +175,7 @@ def workload_key(model: nn.Module, input_shape: tuple[int, int, int], *,
     thread count, the CPU and the torch version."""
     tensors = [(n, list(t.shape), str(t.dtype)) for n, t in (*model.named_parameters(), *model.named_buffers())]
     doc = {"model": type(model).__name__, "tensors": tensors, "input": list(input_shape), "bf16": bf16,
-           "channels_last": channels_last, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+           "channels_last": channels_last, "threads": torch.get_num_threads(), "cpu": cpu_name(),
            "torch": torch.__version__, "batch": CALIBRATION_BATCH}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -216,27 +217,30 @@ class CpuModeCache:
     def put(self, key: str, mode: str) -> str:
         """Remember ``mode`` for ``key`` unless a choice is already stored; return the stored one."""
         with self._lock:
-            stored = self._memory.get(key) or self._read_file().get(key)
+            on_disk = self._read_file()
+            stored = self._memory.get(key) or on_disk.get(key)
             if stored is not None:
                 self._remember(key, stored)
                 return stored
             self._remember(key, mode)
             if self.path is not None:
                 try:
-                    self._write_file({**self._read_file(), key: mode})
+                    self._write_file({**on_disk, key: mode})
                 except OSError:
                     log.warning("cpu mode: could not write %s", self.path, exc_info=True)
             return mode
 
+    def _trim(self, choices: dict[str, str]) -> None:
+        while len(choices) > self.MAX_ENTRIES:  # oldest first (insertion order)
+            choices.pop(next(iter(choices)))
+
     def _remember(self, key: str, mode: str) -> None:
         self._memory[key] = mode
-        while len(self._memory) > self.MAX_ENTRIES:  # oldest first (insertion order)
-            self._memory.pop(next(iter(self._memory)))
+        self._trim(self._memory)
 
     def _write_file(self, data: dict[str, str]) -> None:
         assert self.path is not None
-        while len(data) > self.MAX_ENTRIES:  # oldest first (insertion order)
-            data.pop(next(iter(data)))
+        self._trim(data)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cpu-modes-", suffix=".json")
         try:

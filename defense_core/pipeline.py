@@ -108,6 +108,10 @@ PARAM_NAMES = frozenset({
     "ft_lr", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc", "batch_size", "seed",
     "augment",
 })
+# Parameters of stage 1 and of the AFT penalty: an error with the "ft" defense.
+TSBD_ONLY_PARAMS = frozenset({
+    "neuron_ratio", "weight_ratio", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc", "alpha",
+})
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,7 @@ class PurifyConfig:
         if defense not in _DEFENSES:
             raise InputError(f"unknown defense {defense!r}; known: {', '.join(available_defenses())}")
         if defense == "ft":
-            stage1 = {"neuron_ratio", "weight_ratio", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc"}
-            ignored = sorted(stage1 & set(params)) + (["alpha"] if "alpha" in params else [])
+            ignored = sorted(TSBD_ONLY_PARAMS & set(params))
             if ignored:
                 raise InputError(f"parameters {ignored} do not apply to the 'ft' defense")
 
