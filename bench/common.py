@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from defense_core.device import cpu_name
@@ -53,6 +54,19 @@ def mnist_split(*, n_train: int = 4000, clean_share: float = 0.05, seed: int = 0
     test = ImageSet(x=x[order[n_train:]], y=y[order[n_train:]])
     clean_index = torch.randperm(n_train, generator=gen)[: round(clean_share * n_train)].sort().values
     return MnistSplit(train=train, test=test, clean=train.subset(clean_index), clean_index=clean_index)
+
+
+def photo_pattern(name: str = "flower.jpg", side: int = 64) -> list[list[list[int]]]:
+    """A photograph bundled with scikit-learn as a ``side`` x ``side`` RGB blend pattern.
+
+    The literature blends a photograph (Hello Kitty); this is the offline stand-in,
+    as the ``pattern`` of a Blended trigger spec (the engine resizes it to the images).
+    """
+    from PIL import Image
+    from sklearn.datasets import load_sample_image  # bench-only dependency
+
+    image = Image.fromarray(load_sample_image(name)).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).tolist()
 
 
 def cache_key(config: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import CACHE_DIR, MnistSplit, cache_key, machine_info, mnist_split
+from bench.common import CACHE_DIR, MnistSplit, cache_key, machine_info, mnist_split, photo_pattern
 from defense_core.attacks import TriggerSpec, make_poisoned_test_set
 from defense_core.device import DeviceOptions, make_runtime
 from defense_core.errors import InputError
@@ -59,6 +59,19 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
     "WaNet": {"type": "wanet", "target": TARGET},
     "clean": None,
 }
+# not in the default run: Blended with a photograph as the pattern (the literature's form)
+EXTRA_ATTACKS: dict[str, Any] = {
+    "Blended-photo": lambda: {"type": "blended", "target": TARGET, "pattern": photo_pattern()},
+}
+
+
+def attack_trigger(name: str) -> dict[str, Any] | None:
+    """The trigger spec of a named attack (``None`` for the clean control)."""
+    if name in ATTACKS:
+        return ATTACKS[name]
+    if name in EXTRA_ATTACKS:
+        return EXTRA_ATTACKS[name]()
+    raise KeyError(name)
 DEFENSES = ("ft", "default", "auto", "rule", "sweep")
 TSBD_DEFENSES = frozenset(DEFENSES) - {"ft"}
 # the engine's default device choice, with the timed CPU mode remembered across the
@@ -116,7 +129,9 @@ def get_model(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="preact_resnet18")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of " + ",".join(ATTACKS))
+    parser.add_argument("--attacks", default=",".join(ATTACKS),
+                        help="comma-separated, from " + ",".join([*ATTACKS, *EXTRA_ATTACKS]) + " (default: all but "
+                             + ",".join(EXTRA_ATTACKS) + ")")
     parser.add_argument("--epochs", type=int, default=TRAIN_CONFIG.epochs)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train even when a cached model exists")
@@ -155,9 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     split = mnist_split(seed=args.seed)
     config = dataclasses.replace(TRAIN_CONFIG, epochs=args.epochs, lr=args.lr)
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in ATTACKS and n not in EXTRA_ATTACKS]:
+        parser.error(f"unknown attacks {unknown}; known: {', '.join([*ATTACKS, *EXTRA_ATTACKS])}")
     models = []
     for name in names:
-        trained = get_model(name, ATTACKS[name], spec=spec, split=split, config=config, seed=args.seed, retrain=args.retrain)
+        trained = get_model(name, attack_trigger(name), spec=spec, split=split, config=config, seed=args.seed, retrain=args.retrain)
         ca = accuracy(trained.model, split.test, spec)
         asr = None
         if trained.trigger is not None:

@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench.common import mnist_split
-from bench.quality import ATTACKS, TRAIN_CONFIG, get_model, model_spec
+from bench.quality import ATTACKS, EXTRA_ATTACKS, TRAIN_CONFIG, attack_trigger, get_model, model_spec
 from defense_core.attacks import make_poisoned_test_set
 from defense_core.metrics import evaluate, predict
 from defense_core.pipeline import PurifyConfig
@@ -59,7 +59,7 @@ def rescore(ranking: NeuronRanking, score: str) -> NeuronRanking:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="preact_resnet18")
-    parser.add_argument("--attack", default="Blended", choices=[a for a, t in ATTACKS.items() if t])
+    parser.add_argument("--attack", default="Blended", choices=[*(a for a, t in ATTACKS.items() if t), *EXTRA_ATTACKS])
     parser.add_argument("--epochs", type=int, default=TRAIN_CONFIG.epochs, help="training epochs of the cached model")
     parser.add_argument("--lr", type=float, default=TRAIN_CONFIG.lr, help="training lr of the cached model")
     parser.add_argument("--unlearn-lrs", default="0.0001", help="comma-separated unlearning learning rates")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = model_spec(args.arch)
     split = mnist_split()
     train_config = dataclasses.replace(TRAIN_CONFIG, epochs=args.epochs, lr=args.lr)
-    trained = get_model(args.attack, ATTACKS[args.attack], spec=spec, split=split, config=train_config,
+    trained = get_model(args.attack, attack_trigger(args.attack), spec=spec, split=split, config=train_config,
                         seed=0, retrain=False)
     model = trained.model
     assert trained.trigger is not None

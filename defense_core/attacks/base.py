@@ -108,8 +108,10 @@ class TriggerSpec:
             raise InputError(
                 f"unknown parameters for trigger {kind!r}: {sorted(unknown)}; known: {sorted(fields)}"
             )
+        arrays = getattr(family.params_cls, "array_fields", frozenset())
         for key, value in raw.items():
-            _check_json_scalar(kind, key, value)
+            if key not in arrays:  # array parameters are checked by their dataclass
+                _check_json_scalar(kind, key, value)
         try:
             params = family.params_cls(**raw)
         except InputError:
@@ -119,7 +121,9 @@ class TriggerSpec:
         return cls(type=kind, target=data["target"], params=params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "target": self.target, **dataclasses.asdict(self.params)}
+        arrays = getattr(self.family.params_cls, "array_fields", frozenset())
+        params = {k: v for k, v in dataclasses.asdict(self.params).items() if not (k in arrays and v is None)}
+        return {"type": self.type, "target": self.target, **params}
 
 
 def _check_json_scalar(kind: str, key: str, value: Any) -> None:

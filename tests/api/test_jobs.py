@@ -148,6 +148,15 @@ def test_trigger_instead_of_poisoned_set(sqlite_api: Api, model_bytes: bytes) ->
     bad_type = create_job(sqlite_api, tenant, inputs.body(
         poisoned_dataset_id=None, trigger={"type": "laser", "target": 0}))
     assert bad_type.status_code == 422
+    pattern = [[0, 255], [255, 0]]
+    blended = create_job(sqlite_api, tenant, inputs.body(
+        poisoned_dataset_id=None, trigger={"type": "blended", "target": 0, "pattern": pattern}))
+    assert blended.status_code == 202, blended.text
+    assert blended.json()["trigger"]["pattern"] == pattern
+    bad_pattern = create_job(sqlite_api, tenant, inputs.body(
+        poisoned_dataset_id=None, trigger={"type": "blended", "target": 0, "pattern": [[0, 300]]}))
+    assert bad_pattern.status_code == 422
+    assert "blended.pattern" in bad_pattern.json()["detail"]
 
 
 def test_job_validation(sqlite_api: Api, model_bytes: bytes) -> None:

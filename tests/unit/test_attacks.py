@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -87,6 +88,67 @@ def test_blended_alpha_extremes_and_seeds() -> None:
     zero = apply_trigger(x, TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 0.0}))
     assert torch.equal(zero, x)
     assert not torch.equal(blend_pattern(BlendedParams(seed=1), (1, 8, 8)), blend_pattern(BlendedParams(seed=2), (1, 8, 8)))
+
+
+def test_blended_with_a_given_pattern_image() -> None:
+    # a 2x2 grayscale pattern on 2x2 images: no resizing, the formula pixel by pixel
+    x = torch.tensor([[0, 100], [200, 255]], dtype=torch.uint8).view(1, 1, 2, 2)
+    spec = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 0.5, "pattern": [[255, 0], [10, 50]]})
+    assert apply_trigger(x, spec)[0, 0].tolist() == [[128, 50], [105, 152]]  # (x + p) / 2, halves round to even
+    # the same image as RGB values [H][W][3] on 3-channel images, and as a grey pattern repeated over channels
+    rgb = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0,
+                                 "pattern": [[[255, 0, 9], [0, 0, 0]], [[1, 2, 3], [4, 5, 6]]]})
+    out = apply_trigger(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), rgb)
+    assert out[0, :, 0, 0].tolist() == [255, 0, 9] and out[0, :, 1, 1].tolist() == [4, 5, 6]
+    grey = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0, "pattern": [[7, 7], [7, 7]]})
+    assert bool((apply_trigger(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), grey) == 7).all())
+    # a colour pattern on grayscale images: BT.601 luma, 0.299 * 255 = 76.2
+    red = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0, "pattern": [[[255, 0, 0]]]})
+    assert bool((apply_trigger(torch.zeros(1, 1, 3, 3, dtype=torch.uint8), red) == 76).all())
+    # a constant pattern stays constant when resized, and the spec round-trips through JSON
+    big = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0, "pattern": [[90] * 3] * 4})
+    assert bool((apply_trigger(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), big) == 90).all())
+    assert TriggerSpec.from_dict(json.loads(json.dumps(big.to_dict()))) == big
+
+
+def test_blended_pattern_resizing_keeps_structure() -> None:
+    # left half black, right half white, downsampled 2x: the halves stay black and white
+    pattern = [[0] * 8 + [255] * 8 for _ in range(16)]
+    spec = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0, "pattern": pattern})
+    out = apply_trigger(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), spec)[0, 0]
+    assert out[:, :3].max() == 0 and out[:, 5:].min() == 255 and out[:, 3].max() < out[:, 4].min()
+
+
+def test_blended_without_a_pattern_keeps_its_json_form() -> None:
+    spec = TriggerSpec.from_dict({"type": "blended", "target": 0})
+    assert spec.to_dict() == {"type": "blended", "target": 0, "alpha": 0.2, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("kitty.png", "list of 1 to 64 rows"),
+        ([], "list of 1 to 64 rows"),
+        ([[0] * 65], "1 to 64 pixels"),
+        ([[0] * 3] * 65, "list of 1 to 64 rows"),
+        ([[0, 0], [0]], "row 1 has 1 pixels"),
+        ([[0, 256]], "integers in \\[0, 255\\]"),
+        ([[0, -1]], "integers in"),
+        ([[0.5, 1]], "integers in"),
+        ([[True, 1]], "integers in"),
+        ([[[1, 2]]], "1 or 3 channels, got 2"),
+        ([[[1, 2, 3], 4]], "list of 3 channel values"),
+    ],
+)
+def test_blended_pattern_validation(pattern: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        TriggerSpec.from_dict({"type": "blended", "target": 0, "pattern": pattern})
+
+
+def test_blended_pattern_channels_must_fit_the_images() -> None:
+    spec = TriggerSpec.from_dict({"type": "blended", "target": 0, "pattern": [[[1, 2, 3]]]})
+    with pytest.raises(InputError, match="3 channels, the images have 2"):
+        apply_trigger(torch.zeros(1, 2, 4, 4, dtype=torch.uint8), spec)
 
 
 def test_sig_exact_pixels_with_clipping() -> None:

@@ -339,6 +339,24 @@ def _check_trigger(trigger: dict[str, Any], *, spec: dict[str, Any]) -> None:
             f"trigger.target {target} is outside [0, {int(spec['num_classes']) - 1}]",
             slug="label-out-of-range",
         )
+    _check_trigger_fits(parsed, spec)
+
+
+def _check_trigger_fits(parsed: Any, spec: dict[str, Any]) -> None:
+    """Apply the trigger to one blank image of the model's input shape (a pattern of the wrong depth fails here)."""
+    import torch
+
+    from defense_core.attacks import apply_trigger
+
+    try:
+        height, width = (int(v) for v in spec["input_size"])
+        blank = torch.zeros(1, int(spec["in_channels"]), height, width, dtype=torch.uint8)
+    except (KeyError, TypeError, ValueError):
+        return  # a spec without a usable input shape: the worker checks against the test images
+    try:
+        apply_trigger(blank, parsed)
+    except InputError as exc:
+        raise from_input_error(exc, where="trigger") from None
 
 
 def _check_params(defense: str, params: dict[str, Any]) -> None:
