@@ -7,6 +7,7 @@ task in :mod:`worker.tasks` is a thin wrapper around :meth:`JobRunner.run`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -208,6 +209,9 @@ def load_inputs(snap: JobSnapshot, *, store: Any, workdir: Path, settings: Setti
 
     spec = ModelSpec.from_dict(snap.spec)
     config = PurifyConfig.from_params(snap.params, defense=snap.defense)
+    # the timed CPU mode is remembered per host, so a restarted worker computes the same way
+    config = dataclasses.replace(
+        config, device=dataclasses.replace(config.device, mode_cache=str(settings.cpu_mode_cache_path)))
 
     def fetch(key: str, name: str) -> Path:
         path = workdir / name

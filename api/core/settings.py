@@ -172,6 +172,13 @@ class Settings(BaseSettings):
         validation_alias=_env("worker_concurrency"),
         description="Celery worker processes per worker host (one job each).",
     )
+    cpu_mode_cache: Path | None = Field(
+        default=None,
+        validation_alias=_env("cpu_mode_cache"),
+        description="JSON file in which a CPU worker remembers the compute mode (fp32, channels-last, "
+        "bf16) it chose by timing, per model architecture and input shape, so a model computes the "
+        "same way after a worker restart. Default: <data_dir>/cpu-modes.json.",
+    )
     api_key_touch_interval_s: float = Field(
         default=60.0,
         ge=0,
@@ -216,6 +223,10 @@ class Settings(BaseSettings):
         return self
 
     # -- derived values -------------------------------------------------------------
+
+    @property
+    def cpu_mode_cache_path(self) -> Path:
+        return (self.cpu_mode_cache or self.data_dir / "cpu-modes.json").expanduser()
 
     @property
     def is_sqlite(self) -> bool:

@@ -114,3 +114,31 @@ def test_reaper_timing_follows_the_heartbeat_settings(tmp_path):
     assert config.policy.queued_after_s == 240 and config.policy.max_attempts == 2
     fast = ReaperConfig.from_settings(Settings(data_dir=tmp_path, heartbeat_interval_s=0.5, heartbeat_stale_s=3))
     assert fast.interval_s == 0.75
+
+
+def test_jobs_remember_the_cpu_mode_in_the_hosts_cache_file(tmp_path):
+    import io
+
+    import numpy as np
+
+    from defense_core.loading import save_safetensors
+    from defense_core.registry import create_model
+    from defense_core.spec import ModelSpec
+    from worker.runner import JobSnapshot, load_inputs
+
+    store = LocalStore(tmp_path / "store")
+    save_safetensors(create_model(ModelSpec.from_dict(SPEC)).state_dict(), tmp_path / "m.safetensors")
+    store.put_stream("model", [(tmp_path / "m.safetensors").read_bytes()])
+    npz = io.BytesIO()
+    np.savez(npz, x=np.zeros((20, 16, 16, 1), np.uint8), y=np.arange(20) % 10)
+    store.put_stream("clean", [npz.getvalue()])
+    snap = JobSnapshot(org_id=uuid.uuid4(), defense="tsbd", params={"seed": 1}, trigger=None, spec=SPEC,
+                       model_key="model", model_sha256="", clean_key="clean", test_key=None, poisoned_key=None)
+
+    default = Settings(data_dir=tmp_path / "var")
+    inputs = load_inputs(snap, store=store, workdir=tmp_path, settings=default)
+    assert inputs.config.device.mode_cache == str(tmp_path / "var" / "cpu-modes.json")
+    assert inputs.config.seed == 1  # the job's own parameters are kept
+    chosen = Settings(data_dir=tmp_path / "var", cpu_mode_cache=tmp_path / "modes.json")
+    inputs = load_inputs(snap, store=store, workdir=tmp_path, settings=chosen)
+    assert inputs.config.device.mode_cache == str(tmp_path / "modes.json")
