@@ -48,13 +48,15 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _user_params(flags: Mapping[str, Any], augment: dict[str, Any]) -> dict[str, Any]:
     params = {k: v for k, v in flags.items() if v is not None}
-    if "neuron_ratio" in params and params["neuron_ratio"] != "auto":
+    if "neuron_ratio" in params and params["neuron_ratio"] not in ("auto", "sweep"):
         from defense_core.errors import InputError
 
         try:
-            params["neuron_ratio"] = float(params["neuron_ratio"])
+            values = [float(v) for v in params["neuron_ratio"].split(",")]
         except ValueError:
-            raise InputError(f"--neuron-ratio must be a number in (0, 1] or 'auto', got {params['neuron_ratio']!r}") from None
+            raise InputError("--neuron-ratio must be a number in (0, 1], 'auto', 'sweep' or a comma-separated "
+                             f"list of numbers to sweep, got {params['neuron_ratio']!r}") from None
+        params["neuron_ratio"] = values if len(values) > 1 else values[0]
     if augment:
         params["augment"] = augment
     return params
@@ -90,7 +92,19 @@ def _table(doc: dict[str, Any]) -> Any:
         table.add_column(column, justify="right")
     for stage, m in doc["metrics"].items():
         table.add_row(stage, pct(m["ca"]), pct(m["asr"]), pct(m["ra"]))
-    return table
+    sweep = doc["reinit"].get("sweep")
+    if not sweep:
+        return table
+    from rich.console import Group
+
+    swept = Table(title="neuron ratio sweep (after both stages; the best DER is kept)")
+    for column in ("n", "CA", "ASR", "RA", "DER", ""):
+        swept.add_column(column, justify="right")
+    for p in sweep:
+        a = p["after"]
+        swept.add_row(f"{p['neuron_ratio']:g}", pct(a["ca"]), pct(a["asr"]), pct(a["ra"]),
+                      "-" if p["der"] is None else f"{p['der']:.4f}", "kept" if p["chosen"] else "")
+    return Group(table, swept)
 
 
 def _summary(doc: dict[str, Any]) -> str:
@@ -108,7 +122,7 @@ def purify_command(
     poisoned: Annotated[Optional[Path], typer.Option(help="Poisoned test NPZ (x, y, target), for ASR/RA.")] = None,
     trigger: Annotated[Optional[Path], typer.Option(help="Trigger spec JSON, applied to --test, instead of --poisoned.")] = None,
     defense: Annotated[str, typer.Option(help="tsbd | ft")] = "tsbd",
-    neuron_ratio: Annotated[Optional[str], typer.Option(help="n, share of neurons reinitialized, or 'auto'.")] = None,
+    neuron_ratio: Annotated[Optional[str], typer.Option(help="n, share of neurons reinitialized; 'auto' (chosen from clean data); 'sweep' or a comma-separated list such as 0.05,0.1,0.2 (each n run, the best DER on --test and --poisoned/--trigger kept).")] = None,
     weight_ratio: Annotated[Optional[float], typer.Option(help="m, share of their weights zeroed.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="AFT mix of the perturbed gradient.")] = None,
     rho: Annotated[Optional[float], typer.Option(help="AFT perturbation radius r.")] = None,

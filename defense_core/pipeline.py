@@ -9,7 +9,11 @@ User parameters (``PurifyConfig.from_params``; all optional, flat):
 name                 default                 meaning
 ==================== ======================= ==========================================
 neuron_ratio         0.05                    n: share of conv neurons reinitialized, by NWC;
-                                             ``"auto"``: chosen from clean data (tsbd.choose_n)
+                                             ``"auto"``: chosen from clean data (tsbd.choose_n);
+                                             ``"sweep"`` or a list of n: the paper's sweep, each
+                                             n run through both stages and the one with the
+                                             best DER on the test and poisoned data kept
+                                             (needs both; ``"sweep"`` = SWEEP_RATIOS)
 weight_ratio         0.7                     m: share of those neurons' weights zeroed
 alpha                0.7 (ft: 0)             AFT mix ``(1 - alpha) g1 + alpha g2``
 rho (alias r)        0.05                    AFT perturbation radius
@@ -52,13 +56,17 @@ from defense_core.transforms import AugmentConfig
 from defense_core.tsbd.aft import FinetuneResult, finetune_
 from defense_core.tsbd.choose_n import choose_neuron_ratio
 from defense_core.tsbd.config import AFTConfig, ReinitConfig, UnlearnConfig
-from defense_core.tsbd.nwc import NeuronScore, rank_neurons
+from defense_core.tsbd.nwc import NeuronRanking, NeuronScore, rank_neurons
 from defense_core.tsbd.reinit import ReinitResult, zero_reinit_
 from defense_core.tsbd.unlearning import UnlearnResult, unlearn_
 
 log = logging.getLogger(__name__)
 
 TOP_NEURONS = 50
+# The n values of neuron_ratio="sweep": the quality benchmark's grid (the paper's
+# reference code sweeps 11 values from 0.01 to 0.9; pass a list for another grid).
+SWEEP_RATIOS = (0.01, 0.05, 0.1, 0.2, 0.3)
+MAX_SWEEP = 16
 MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1
 
@@ -86,6 +94,18 @@ def _integer(params: Mapping[str, Any], name: str, default: int, lo: int, hi: in
     if not lo <= value <= hi:
         raise InputError(f"parameter {name!r} must be in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def _sweep_ratios(value: Any) -> tuple[float, ...]:
+    """The n values of a sweep: ``"sweep"`` or a list of distinct values in (0, 1]."""
+    if value == "sweep":
+        return SWEEP_RATIOS
+    if not 2 <= len(value) <= MAX_SWEEP:
+        raise InputError(f"parameter 'neuron_ratio': a sweep takes 2 to {MAX_SWEEP} values, got {len(value)}")
+    ratios = tuple(_number({"neuron_ratio": v}, "neuron_ratio", 0.0, 0.0, 1.0, lo_open=True) for v in value)
+    if len(set(ratios)) != len(ratios):
+        raise InputError(f"parameter 'neuron_ratio': the sweep values repeat: {list(value)}")
+    return ratios
 
 
 def _augment(value: Any) -> AugmentConfig:
@@ -129,8 +149,12 @@ class PurifyConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: DeviceOptions = DeviceOptions()
+    # n values to sweep (both stages per n, best DER kept); None: reinit.neuron_ratio alone
+    sweep: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.sweep is not None and (self.defense != "tsbd" or len(self.sweep) < 2):
+            raise InputError("a neuron_ratio sweep needs the tsbd defense and at least two values")
         if self.defense not in _DEFENSES:
             raise InputError(f"unknown defense {self.defense!r}; known: {', '.join(available_defenses())}")
         if self.defense == "ft" and self.aft.alpha != 0:
@@ -160,7 +184,10 @@ class PurifyConfig:
                 raise InputError(f"parameters {ignored} do not apply to the 'ft' defense")
 
         neuron_ratio: Any = params.get("neuron_ratio", ReinitConfig.neuron_ratio)
-        if neuron_ratio != "auto":
+        sweep = None
+        if neuron_ratio == "sweep" or isinstance(neuron_ratio, (list, tuple)):
+            sweep, neuron_ratio = _sweep_ratios(neuron_ratio), ReinitConfig.neuron_ratio
+        elif neuron_ratio != "auto":
             neuron_ratio = _number(params, "neuron_ratio", ReinitConfig.neuron_ratio, 0.0, 1.0, lo_open=True)
         perturb_norm = params.get("perturb_norm", AFTConfig.perturb_norm)
         if perturb_norm not in ("tensor", "global"):
@@ -192,6 +219,7 @@ class PurifyConfig:
                 augment=_augment(params.get("augment")),
                 batch_size=_integer(params, "batch_size", 256, 1, MAX_BATCH_SIZE),
                 seed=_integer(params, "seed", 0, 0, MAX_SEED),
+                sweep=sweep,
             )
         except ValueError as exc:  # a config's own validation
             if isinstance(exc, InputError):
@@ -208,7 +236,8 @@ class PurifyConfig:
         }
         if self.defense == "tsbd":
             params.update({
-                "neuron_ratio": self.reinit.neuron_ratio, "weight_ratio": self.reinit.weight_ratio,
+                "neuron_ratio": list(self.sweep) if self.sweep else self.reinit.neuron_ratio,
+                "weight_ratio": self.reinit.weight_ratio,
                 "unlearn_lr": self.unlearn.lr, "unlearn_max_epochs": self.unlearn.max_epochs,
                 "unlearn_max_steps": self.unlearn.max_steps, "stop_acc": self.unlearn.stop_acc,
             })
@@ -231,6 +260,7 @@ class PurificationResult:
     finetune: FinetuneResult
     params: dict[str, Any]
     state_dict: dict[str, torch.Tensor] = field(repr=False)
+    sweep: tuple["SweepPoint", ...] = ()  # one per n when neuron_ratio was swept
 
     @property
     def der(self) -> float | None:
@@ -246,10 +276,12 @@ class PurificationResult:
             self.unlearning.to_dict() if self.unlearning is not None
             else {"epochs": 0, "steps": 0, "final_clean_acc": 0.0}
         )
-        reinit = (
+        reinit: dict[str, Any] = (
             self.reinit.to_dict() if self.reinit is not None
             else {"neuron_ratio": 0.0, "weight_ratio": 0.0, "neurons_zeroed": 0, "weights_zeroed": 0}
         )
+        if self.sweep:
+            reinit["sweep"] = [p.to_dict() for p in self.sweep]
         return {
             "metrics": {
                 "before": self.before.to_dict(),
@@ -265,6 +297,21 @@ class PurificationResult:
             "params": dict(self.params),
             "model_sha256": model_sha256,
         }
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One n of a sweep: the metrics after stage 1 and at the end, and the DER it scored."""
+
+    neuron_ratio: float
+    after_stage1: StageMetrics
+    after: StageMetrics
+    der: float | None
+    chosen: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"neuron_ratio": self.neuron_ratio, "after_stage1": self.after_stage1.to_dict(),
+                "after": self.after.to_dict(), "der": self.der, "chosen": self.chosen}
 
 
 # --------------------------------------------------------------------------- registry
@@ -329,7 +376,7 @@ class _Run:
             batch_size=self.config.batch_size, generator=self.generator(1), runtime=self.runtime,
             reporter=self.reporter, cancel=self.cancel,
         )
-        self.timings["finetuning"] = time.monotonic() - started
+        self.timings["finetuning"] += time.monotonic() - started
         return result
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -374,28 +421,80 @@ def _tsbd(run: _Run) -> PurificationResult:
     run.timings["ranking"] = time.monotonic() - started
 
     check_cancel(run.cancel)
-    started = time.monotonic()
+    params = cfg.to_params()
+    params["stop_acc"] = unlearning.threshold
+    common = dict(defense="tsbd", before=before, unlearning=unlearning,
+                  top_neurons=tuple(ranking.top(TOP_NEURONS)), params=params)
+    if cfg.sweep:
+        return _sweep_n(run, ranking, before, common)
     reinit_config = cfg.reinit
     if reinit_config.neuron_ratio == "auto":
         # The clean-data rule: smallest n whose reset halves the accuracy on D above chance.
+        started = time.monotonic()
         chosen = choose_neuron_ratio(run.model, ranking, run.clean, spec=run.spec,
                                      weight_ratio=reinit_config.weight_ratio, batch_size=cfg.eval_batch_size)
+        run.timings["reinitializing"] += time.monotonic() - started
         reinit_config = dataclasses.replace(reinit_config, neuron_ratio=chosen)
-    reinit = zero_reinit_(run.model, ranking, reinit_config)
-    run.timings["reinitializing"] = time.monotonic() - started
-    run.reporter.update(stage="reinitializing", step=1, total=2, metrics={
-        "neurons_zeroed": float(reinit.neurons_zeroed), "weights_zeroed": float(reinit.weights_zeroed)})
-    after_stage1 = run.measure(stage="reinitializing", step=2, total=2)
-
+    reinit, after_stage1 = _reinit(run, ranking, reinit_config)
     finetune = run.finetune(cfg.aft)
     after = run.measure(stage="evaluating", step=1, total=1)
-    params = cfg.to_params()
-    params["stop_acc"] = unlearning.threshold
-    return PurificationResult(
-        defense="tsbd", before=before, after_stage1=after_stage1, after=after, timings_s=run.timings,
-        unlearning=unlearning, reinit=reinit, top_neurons=tuple(ranking.top(TOP_NEURONS)),
-        finetune=finetune, params=params, state_dict=run.state_dict(),
-    )
+    return PurificationResult(after_stage1=after_stage1, after=after, timings_s=run.timings, reinit=reinit,
+                              finetune=finetune, state_dict=run.state_dict(), **common)
+
+
+def _reinit(run: _Run, ranking: NeuronRanking, config: ReinitConfig) -> tuple[ReinitResult, StageMetrics]:
+    """Zero-reinitialize ``run.model`` (the original weights) and measure it."""
+    started = time.monotonic()
+    reinit = zero_reinit_(run.model, ranking, config)
+    run.timings["reinitializing"] += time.monotonic() - started
+    run.reporter.update(stage="reinitializing", step=1, total=2, metrics={
+        "neurons_zeroed": float(reinit.neurons_zeroed), "weights_zeroed": float(reinit.weights_zeroed)})
+    return reinit, run.measure(stage="reinitializing", step=2, total=2)
+
+
+@dataclass
+class _SweepReporter:
+    """Tags every update of one sweep point with its n and position."""
+
+    inner: Reporter
+    tags: dict[str, float]
+
+    def update(self, *, stage: str, step: int, total: int | None, metrics: Mapping[str, float] | None = None) -> None:
+        self.inner.update(stage=stage, step=step, total=total, metrics={**(metrics or {}), **self.tags})
+
+
+def _sweep_n(run: _Run, ranking: NeuronRanking, before: StageMetrics, common: dict[str, Any]) -> PurificationResult:
+    """The paper's way of choosing n: run stage 1 and stage 2 from the original
+    weights for every n of the sweep, measure each on the test and poisoned data,
+    keep the model with the highest DER (the smaller n on a tie)."""
+    cfg = run.config
+    assert cfg.sweep is not None
+    original = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    reporter = run.reporter
+    points: list[SweepPoint] = []
+    best: dict[str, Any] | None = None
+    try:
+        for i, n in enumerate(cfg.sweep):
+            if i:
+                run.model.load_state_dict(original)
+            run.reporter = _SweepReporter(reporter, {"sweep_n": n, "sweep_point": float(i + 1),
+                                                     "sweep_points": float(len(cfg.sweep))})
+            reinit, after_stage1 = _reinit(run, ranking, dataclasses.replace(cfg.reinit, neuron_ratio=n))
+            finetune = run.finetune(cfg.aft)
+            after = run.measure(stage="evaluating", step=1, total=1)
+            score = der(before, after)
+            points.append(SweepPoint(n, after_stage1, after, score, chosen=False))
+            log.info("sweep n=%g: %s -> %s (DER %s)", n, before.to_dict(), after.to_dict(), score)
+            if best is None or (score is not None and score > best["score"]):
+                best = dict(score=score, index=i, reinit=reinit, after_stage1=after_stage1, after=after,
+                            finetune=finetune, state_dict=run.state_dict())
+    finally:
+        run.reporter = reporter
+    assert best is not None
+    points[best["index"]] = dataclasses.replace(points[best["index"]], chosen=True)
+    return PurificationResult(after_stage1=best["after_stage1"], after=best["after"], timings_s=run.timings,
+                              reinit=best["reinit"], finetune=best["finetune"], state_dict=best["state_dict"],
+                              sweep=tuple(points), **common)
 
 
 @register_defense("ft")
@@ -410,7 +509,11 @@ def _ft(run: _Run) -> PurificationResult:
     )
 
 
-def _check_inputs(spec: ModelSpec, clean: ImageSet, test: ImageSet | None, poisoned: ImageSet | None) -> None:
+def _check_inputs(spec: ModelSpec, clean: ImageSet, test: ImageSet | None, poisoned: ImageSet | None,
+                  config: PurifyConfig) -> None:
+    if config.sweep and (test is None or poisoned is None):
+        raise InputError("a neuron_ratio sweep chooses n by DER: it needs a test set and poisoned data "
+                         "(a poisoned set or a trigger)")
     clean.check_fits(spec, what="clean set")
     if test is not None:
         test.check_fits(spec, what="test set")
@@ -441,7 +544,7 @@ def purify(
     :class:`~defense_core.errors.Cancelled` when ``cancel()`` answers True.
     """
     reporter = reporter or NullReporter()
-    _check_inputs(spec, clean, test, poisoned)
+    _check_inputs(spec, clean, test, poisoned, config)
     options = config.device if device is None else dataclasses.replace(config.device, device=str(device))
     try:
         runtime = make_runtime(options, model=model,

@@ -195,6 +195,12 @@ def test_job_validation(sqlite_api: Api, model_bytes: bytes) -> None:
     assert typed.status_code == 422
     fine = create_job(sqlite_api, tenant, inputs.body(params={"neuron_ratio": 0.1, "seed": 3}))
     assert fine.status_code == 202 and fine.json()["params"] == {"neuron_ratio": 0.1, "seed": 3}
+    # the n sweep picks n by DER: it needs poisoned data (a poisoned set or a trigger) and a test set
+    no_poison = create_job(sqlite_api, tenant, inputs.body(poisoned_dataset_id=None,
+                                                           params={"neuron_ratio": "sweep"}))
+    assert_problem(no_poison, 422, "sweep-needs-poisoned-data")
+    swept = create_job(sqlite_api, tenant, inputs.body(params={"neuron_ratio": [0.05, 0.1]}))
+    assert swept.status_code == 202 and swept.json()["params"] == {"neuron_ratio": [0.05, 0.1]}
     # request validation (FastAPI) is a problem too, with the errors listed
     schema = assert_problem(create_job(sqlite_api, tenant, {"model_id": "nope"}), 422,
                             "validation-error")

@@ -94,6 +94,8 @@ def test_purify_ft_table_output(files: dict[str, Path]) -> None:
     ({"spec": {"arch": "no_such_net", "num_classes": 4}}, "unknown architecture"),
     ({"extra": ["--poisoned", "{test}", "--trigger", "{trigger}"]}, "not both"),
     ({"extra": ["--neuron-ratio", "lots"]}, "--neuron-ratio"),
+    ({"extra": ["--neuron-ratio", "0.1,0.1", "--test", "{test}", "--trigger", "{trigger}"]}, "repeat"),
+    ({"extra": ["--neuron-ratio", "sweep"]}, "needs a test set and poisoned data"),
     ({"extra": ["--alpha", "2"]}, "alpha"),
     ({"extra": ["--defense", "ft", "--neuron-ratio", "0.1"]}, "do not apply"),
     ({"extra": ["--poisoned", "{test}"]}, "target"),
@@ -111,3 +113,21 @@ def test_bad_input_exits_nonzero_with_one_line(files: dict[str, Path], change: d
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_neuron_ratio_flag_takes_a_number_auto_sweep_or_a_list() -> None:
+    from cli.purify import _user_params
+
+    assert _user_params({"neuron_ratio": "0.1"}, {}) == {"neuron_ratio": 0.1}
+    assert _user_params({"neuron_ratio": "0.05,0.1,0.2"}, {}) == {"neuron_ratio": [0.05, 0.1, 0.2]}
+    assert _user_params({"neuron_ratio": "sweep"}, {}) == {"neuron_ratio": "sweep"}
+    assert _user_params({"neuron_ratio": "auto"}, {}) == {"neuron_ratio": "auto"}
+
+
+def test_purify_sweep_prints_each_n_and_the_one_kept(files: dict[str, Path]) -> None:
+    result = CliRunner().invoke(app, ["purify", *_args(files, "model", "spec", "clean", "test", "trigger", "out"),
+                                      *FAST, "--neuron-ratio", "0.1,0.5"])
+    assert result.exit_code == 0, result.stderr
+    assert "neuron ratio sweep" in result.stdout and result.stdout.count("kept") == 2  # title + one row
+    lines = [line for line in result.stdout.splitlines() if line.strip().startswith(("│ 0.1 ", "│ 0.5 "))]
+    assert len(lines) == 2

@@ -185,3 +185,45 @@ def test_auto_neuron_ratio_uses_the_clean_data_rule() -> None:
     doc = _run({"neuron_ratio": "auto"}).to_document("0" * 64)
     assert doc["reinit"]["neuron_ratio"] in DEFAULT_GRID
     assert doc["params"]["neuron_ratio"] == "auto"
+
+
+def test_sweep_keeps_the_n_with_the_best_der_and_equals_that_single_run() -> None:
+    test, poisoned = quadrant_set(80, seed=2), _poisoned()
+    recorder = Recorder()
+    swept = _run({"neuron_ratio": [0.1, 0.5, 0.9]}, test=test, poisoned=poisoned, reporter=recorder)
+    doc = swept.to_document("0" * 64)
+    json.dumps(doc, allow_nan=False)
+    points = doc["reinit"]["sweep"]
+    assert [p["neuron_ratio"] for p in points] == [0.1, 0.5, 0.9]
+    assert [p["chosen"] for p in points].count(True) == 1
+    chosen = next(p for p in points if p["chosen"])
+    # the highest DER, the earliest n on a tie
+    ders = [p["der"] for p in points]
+    assert chosen is points[ders.index(max(ders))]
+    assert doc["reinit"]["neuron_ratio"] == chosen["neuron_ratio"] and doc["der"] == chosen["der"]
+    assert doc["metrics"]["after"] == chosen["after"]
+    assert doc["params"]["neuron_ratio"] == [0.1, 0.5, 0.9]
+    # every point starts from the original weights with the same batches: the kept model
+    # is exactly the one a single run with that n produces
+    single = _run({"neuron_ratio": chosen["neuron_ratio"]}, test=test, poisoned=poisoned)
+    assert single.after == swept.after and single.reinit == swept.reinit
+    assert all(torch.equal(v, single.state_dict[k]) for k, v in swept.state_dict.items())
+    # and the other points differ (the sweep did run them)
+    assert len({(p["after"]["ca"], p["after"]["asr"], p["after_stage1"]["ca"]) for p in points}) > 1
+    assert recorder.stages.count("evaluating") >= 3
+
+
+def test_sweep_needs_test_and_poisoned_data_and_valid_values() -> None:
+    with pytest.raises(InputError, match="needs a test set and poisoned data"):
+        _run({"neuron_ratio": "sweep"}, test=quadrant_set(20, seed=2))
+    from defense_core.pipeline import SWEEP_RATIOS
+
+    assert PurifyConfig.from_params({"neuron_ratio": "sweep"}).sweep == SWEEP_RATIOS
+    cfg = PurifyConfig.from_params({"neuron_ratio": [0.2, 0.1]})
+    assert cfg.sweep == (0.2, 0.1) and PurifyConfig.from_params(cfg.to_params()) == cfg
+    for bad, message in (([0.1], "2 to 16"), ([0.1] * 2, "repeat"), ([0.1, 0], "neuron_ratio"),
+                         ([0.1, "x"], "number"), ([i / 20 for i in range(1, 19)], "2 to 16")):
+        with pytest.raises(InputError, match=message):
+            PurifyConfig.from_params({"neuron_ratio": bad})
+    with pytest.raises(InputError, match="do not apply"):
+        PurifyConfig.from_params({"neuron_ratio": "sweep"}, defense="ft")

@@ -284,7 +284,14 @@ def _validate(*, session: Session, org_id: uuid.UUID, request: JobRequest) -> No
 
     if request.trigger is not None:
         _check_trigger(request.trigger, spec=spec)
-    _check_params(request.defense, request.params)
+    config = _check_params(request.defense, request.params)
+    if config.sweep and (request.test_dataset_id is None
+                         or (request.poisoned_dataset_id is None and request.trigger is None)):
+        raise RejectedInput(
+            "params.neuron_ratio: a sweep chooses n by DER, so it needs test_dataset_id and "
+            "poisoned_dataset_id or trigger",
+            slug="sweep-needs-poisoned-data",
+        )
 
 
 def _check_dataset(dataset: Artifact, *, field_name: str, role: DatasetRole,
@@ -359,11 +366,11 @@ def _check_trigger_fits(parsed: Any, spec: dict[str, Any]) -> None:
         raise from_input_error(exc, where="trigger") from None
 
 
-def _check_params(defense: str, params: dict[str, Any]) -> None:
+def _check_params(defense: str, params: dict[str, Any]) -> Any:
     from defense_core.pipeline import PurifyConfig
 
     try:
-        PurifyConfig.from_params(params, defense=defense)
+        return PurifyConfig.from_params(params, defense=defense)
     except InputError as exc:
         raise from_input_error(exc, where="params") from None
     except (TypeError, ValueError) as exc:  # a value of an unexpected JSON type
