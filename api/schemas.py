@@ -187,7 +187,7 @@ class JobCreate(BaseModel):
         description="Defense parameters, all optional: seed, batch_size, unlearn_lr, unlearn_max_epochs, "
         "unlearn_max_steps, stop_acc, neuron_ratio (a number in (0, 1], \"auto\", or a sweep: \"sweep\" or a "
         "list of n, which needs test and poisoned data and keeps the n with the best DER), weight_ratio, alpha, "
-        "rho, perturb_norm, ft_epochs, ft_min_steps, ft_lr, augment. Unknown names are refused.",
+        "rho, perturb_norm, ft_epochs, ft_min_steps, ft_lr, ft_noise_blend, augment. Unknown names are refused.",
     )
 
 

@@ -130,6 +130,7 @@ def purify_command(
     ft_epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")] = None,
     ft_min_steps: Annotated[Optional[int], typer.Option(help="Minimum fine-tuning steps.")] = None,
     ft_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate.")] = None,
+    ft_noise_blend: Annotated[Optional[float], typer.Option(help="Share of fine-tuning images blended with fresh random noise (weight 0.1-0.3, labels kept), against blended triggers; 0 (default) turns it off.")] = None,
     unlearn_lr: Annotated[Optional[float], typer.Option(help="Clean-unlearning learning rate.")] = None,
     unlearn_max_epochs: Annotated[Optional[int], typer.Option(help="Clean-unlearning epoch cap.")] = None,
     unlearn_max_steps: Annotated[Optional[int], typer.Option(help="Clean-unlearning step cap.")] = None,
@@ -189,7 +190,8 @@ def _run(args: dict[str, Any], *, err: Any) -> None:
         raise InputError(f"output folder {args['out'].parent} does not exist")
 
     names = ("neuron_ratio", "weight_ratio", "alpha", "rho", "perturb_norm", "ft_epochs", "ft_min_steps",
-             "ft_lr", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc", "batch_size", "seed")
+             "ft_lr", "ft_noise_blend", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc",
+             "batch_size", "seed")
     augment = {k: args[k] for k in ("crop_padding", "hflip") if args[k] is not None}
     params = _user_params({k: args[k] for k in names}, augment)
     config = PurifyConfig.from_params(params, defense=args["defense"])

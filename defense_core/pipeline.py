@@ -21,6 +21,8 @@ perturb_norm         "tensor"                normalize g1 per tensor or "global"
 ft_epochs            20                      fine-tuning epochs over D ...
 ft_min_steps         200                     ... but at least this many optimizer steps
 ft_lr                0.01                    fine-tuning SGD learning rate (momentum 0.9)
+ft_noise_blend       0                       share of fine-tuning images blended with fresh
+                                             uniform noise (weight 0.1-0.3), labels kept
 unlearn_lr           1e-4                    clean-unlearning SGD learning rate (momentum 0.9)
 unlearn_max_epochs   1000                    unlearning epoch cap
 unlearn_max_steps    10000                   unlearning step cap
@@ -125,8 +127,8 @@ def _augment(value: Any) -> AugmentConfig:
 
 PARAM_NAMES = frozenset({
     "neuron_ratio", "weight_ratio", "alpha", "rho", "r", "perturb_norm", "ft_epochs", "ft_min_steps",
-    "ft_lr", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc", "batch_size", "seed",
-    "augment",
+    "ft_lr", "ft_noise_blend", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc",
+    "batch_size", "seed", "augment",
 })
 # Parameters of stage 1 and of the AFT penalty: an error with the "ft" defense.
 TSBD_ONLY_PARAMS = frozenset({
@@ -215,6 +217,7 @@ class PurifyConfig:
                     lr=_number(params, "ft_lr", AFTConfig.lr, 0.0, 10.0, lo_open=True),
                     epochs=_integer(params, "ft_epochs", AFTConfig.epochs, 1, 10_000),
                     min_steps=_integer(params, "ft_min_steps", AFTConfig.min_steps, 0, 1_000_000),
+                    noise_blend=_number(params, "ft_noise_blend", AFTConfig.noise_blend, 0.0, 1.0),
                 ),
                 augment=_augment(params.get("augment")),
                 batch_size=_integer(params, "batch_size", 256, 1, MAX_BATCH_SIZE),
@@ -231,6 +234,7 @@ class PurifyConfig:
         params: dict[str, Any] = {
             "alpha": self.aft.alpha, "rho": self.aft.rho, "perturb_norm": self.aft.perturb_norm,
             "ft_epochs": self.aft.epochs, "ft_min_steps": self.aft.min_steps, "ft_lr": self.aft.lr,
+            "ft_noise_blend": self.aft.noise_blend,
             "batch_size": self.batch_size, "seed": self.seed,
             "augment": {"crop_padding": self.augment.crop_padding, "hflip": self.augment.hflip},
         }

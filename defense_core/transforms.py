@@ -60,6 +60,28 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
     return x
 
 
+NOISE_BLEND_ALPHA = (0.1, 0.3)  # the blend weights of noise_blend, drawn uniformly per image
+
+
+def noise_blend(x: torch.Tensor, share: float, generator: torch.Generator,
+                alpha: tuple[float, float] = NOISE_BLEND_ALPHA) -> torch.Tensor:
+    """Blend a random ``share`` of the uint8 images with fresh uniform noise,
+    ``(1 - a) x + a noise`` with ``a`` uniform in ``alpha``; returns a new tensor.
+
+    A fine-tuning augmentation against blended triggers: labels stay, so the
+    model learns that an image-wide texture does not change the class.
+    """
+    n = x.shape[0]
+    if share <= 0 or n == 0:
+        return x.clone()
+    pick = (torch.rand(n, generator=generator) < share).view(-1, 1, 1, 1)
+    a = torch.empty(n).uniform_(alpha[0], alpha[1], generator=generator).view(-1, 1, 1, 1)
+    noise = torch.randint(0, 256, tuple(x.shape), generator=generator, dtype=torch.int16).float()
+    pick, a, noise = pick.to(x.device), a.to(x.device), noise.to(x.device)
+    mixed = ((1.0 - a) * x.float() + a * noise).round_().clamp_(0, 255).to(torch.uint8)
+    return torch.where(pick, mixed, x)
+
+
 def batch_indices(
     n: int, batch_size: int, *, generator: torch.Generator | None = None, shuffle: bool = True
 ) -> Iterator[torch.Tensor]:

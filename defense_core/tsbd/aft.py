@@ -154,7 +154,8 @@ def finetune_(
     """Fine-tune all parameters of ``model`` in place on ``clean`` (AFT, or FT when alpha is 0)."""
     reporter = reporter or NullReporter()
     batches = TrainBatches(
-        clean, spec=spec, batch_size=batch_size, augment_config=augment, generator=generator, runtime=runtime
+        clean, spec=spec, batch_size=batch_size, augment_config=augment, generator=generator, runtime=runtime,
+        noise_blend=config.noise_blend,
     )
     epochs = config.num_epochs(len(batches))
     total = epochs * len(batches)

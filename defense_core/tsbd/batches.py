@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from defense_core.device import Runtime
 from defense_core.imageset import ImageSet
 from defense_core.spec import ModelSpec
-from defense_core.transforms import AugmentConfig, Normalizer, augment, batch_indices, steps_per_epoch
+from defense_core.transforms import AugmentConfig, Normalizer, augment, batch_indices, noise_blend, steps_per_epoch
 
 
 class TrainBatches:
     """The clean set kept as uint8 on the device; each epoch is a fresh seeded
-    shuffle, each batch augmented (crop/flip on uint8) and then normalized."""
+    shuffle, each batch augmented (crop/flip, optionally noise blends, on uint8)
+    and then normalized."""
 
     def __init__(
         self,
@@ -26,6 +27,7 @@ class TrainBatches:
         augment_config: AugmentConfig,
         generator: torch.Generator,
         runtime: Runtime,
+        noise_blend: float = 0.0,
     ) -> None:
         if len(clean) == 0:
             raise ValueError("the clean set is empty")
@@ -36,6 +38,7 @@ class TrainBatches:
         self.generator = generator
         self.runtime = runtime
         self.normalizer = Normalizer(spec, runtime.device)
+        self.noise_blend = noise_blend  # share of images blended with noise (fine-tuning only)
 
     def __len__(self) -> int:
         return steps_per_epoch(self.x.shape[0], self.batch_size)
@@ -44,6 +47,8 @@ class TrainBatches:
         for idx in batch_indices(self.x.shape[0], self.batch_size, generator=self.generator):
             idx = idx.to(self.x.device)
             xb = augment(self.x[idx], self.augment_config, self.generator)
+            if self.noise_blend > 0:
+                xb = noise_blend(xb, self.noise_blend, self.generator)
             yield self.runtime.prepare_input(self.normalizer(xb)), self.y[idx]
 
 

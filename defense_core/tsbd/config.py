@@ -148,8 +148,12 @@ class AFTConfig:
     weight_decay: float = 0.0
     epochs: int = 20
     min_steps: int = 200
+    # share of fine-tuning images blended with fresh noise (transforms.noise_blend); 0: off
+    noise_blend: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.noise_blend, (int, float)) and 0.0 <= self.noise_blend <= 1.0):
+            raise ValueError(f"ft_noise_blend must be in [0, 1], got {self.noise_blend!r}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         _check_positive("rho", self.rho)

@@ -111,6 +111,42 @@ def test_min_steps_schedule() -> None:
 
 
 def test_aft_config_validation() -> None:
-    for kwargs in ({"alpha": 1.5}, {"rho": 0.0}, {"perturb_norm": "layer"}, {"lr": -1.0}, {"epochs": 0}):
+    for kwargs in ({"alpha": 1.5}, {"rho": 0.0}, {"perturb_norm": "layer"}, {"lr": -1.0}, {"epochs": 0},
+                   {"noise_blend": 1.5}, {"noise_blend": -0.1}):
         with pytest.raises(ValueError):
             AFTConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_noise_blend_mixes_the_chosen_share_with_noise_and_keeps_the_rest() -> None:
+    from defense_core.transforms import noise_blend
+
+    x = (torch.arange(200 * 64) % 256).to(torch.uint8).view(200, 1, 8, 8)
+    assert torch.equal(noise_blend(x, 0.0, torch.Generator().manual_seed(0)), x)
+    out = noise_blend(x, 0.5, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    changed = (out != x).flatten(1).any(1)
+    assert 70 <= int(changed.sum()) <= 130  # about half of the images, the others untouched
+    # a blended image is (1 - a) x + a noise with a in [0.1, 0.3]: within 0.3 * 255 of x everywhere,
+    # and its mean difference from x is well above rounding
+    diff = (out[changed].float() - x[changed].float()).abs()
+    assert float(diff.max()) <= 0.3 * 255 + 0.5 and float(diff.flatten(1).mean(1).min()) > 5
+    assert torch.equal(out, noise_blend(x, 0.5, torch.Generator().manual_seed(0)))  # seeded
+    assert bool((noise_blend(x, 1.0, torch.Generator().manual_seed(1)) != x).flatten(1).any(1).all())
+
+
+def test_noise_blend_reaches_fine_tuning_batches_only_when_asked() -> None:
+    from defense_core.device import CPU_FP32
+    from defense_core.tsbd.batches import TrainBatches
+    from defense_core.transforms import NO_AUGMENT
+    from tests.unit.tsbd_fixtures import SPEC, quadrant_set
+
+    data = quadrant_set(32, seed=3)
+
+    def first_batch(share: float) -> torch.Tensor:
+        batches = TrainBatches(data, spec=SPEC, batch_size=32, augment_config=NO_AUGMENT,
+                               generator=torch.Generator().manual_seed(0), runtime=CPU_FP32, noise_blend=share)
+        return next(iter(batches.epoch()))[0]
+
+    plain = first_batch(0.0)
+    assert torch.equal(plain, first_batch(0.0))
+    assert not torch.equal(plain, first_batch(1.0))
