@@ -99,7 +99,7 @@ def _integer(params: Mapping[str, Any], name: str, default: int, lo: int, hi: in
 
 
 def _sweep_ratios(value: Any) -> tuple[float, ...]:
-    """The n values of a sweep: ``"sweep"`` or a list of distinct values in (0, 1]."""
+    """The n values of a sweep, ascending: ``"sweep"`` or a list of distinct values in (0, 1]."""
     if value == "sweep":
         return SWEEP_RATIOS
     if not 2 <= len(value) <= MAX_SWEEP:
@@ -107,7 +107,7 @@ def _sweep_ratios(value: Any) -> tuple[float, ...]:
     ratios = tuple(_number({"neuron_ratio": v}, "neuron_ratio", 0.0, 0.0, 1.0, lo_open=True) for v in value)
     if len(set(ratios)) != len(ratios):
         raise InputError(f"parameter 'neuron_ratio': the sweep values repeat: {list(value)}")
-    return ratios
+    return tuple(sorted(ratios))  # smallest first, so a tie in DER keeps the smaller n
 
 
 def _augment(value: Any) -> AugmentConfig:

@@ -197,7 +197,7 @@ def test_sweep_keeps_the_n_with_the_best_der_and_equals_that_single_run() -> Non
     assert [p["neuron_ratio"] for p in points] == [0.1, 0.5, 0.9]
     assert [p["chosen"] for p in points].count(True) == 1
     chosen = next(p for p in points if p["chosen"])
-    # the highest DER, the earliest n on a tie
+    # the highest DER, the smallest n on a tie
     ders = [p["der"] for p in points]
     assert chosen is points[ders.index(max(ders))]
     assert doc["reinit"]["neuron_ratio"] == chosen["neuron_ratio"] and doc["der"] == chosen["der"]
@@ -220,7 +220,7 @@ def test_sweep_needs_test_and_poisoned_data_and_valid_values() -> None:
 
     assert PurifyConfig.from_params({"neuron_ratio": "sweep"}).sweep == SWEEP_RATIOS
     cfg = PurifyConfig.from_params({"neuron_ratio": [0.2, 0.1]})
-    assert cfg.sweep == (0.2, 0.1) and PurifyConfig.from_params(cfg.to_params()) == cfg
+    assert cfg.sweep == (0.1, 0.2) and PurifyConfig.from_params(cfg.to_params()) == cfg  # run smallest first
     for bad, message in (([0.1], "2 to 16"), ([0.1] * 2, "repeat"), ([0.1, 0], "neuron_ratio"),
                          ([0.1, "x"], "number"), ([i / 20 for i in range(1, 19)], "2 to 16")):
         with pytest.raises(InputError, match=message):
