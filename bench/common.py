@@ -66,7 +66,7 @@ def photo_pattern(name: str = "flower.jpg", side: int = 64) -> list[list[list[in
     from sklearn.datasets import load_sample_image  # bench-only dependency
 
     image = Image.fromarray(load_sample_image(name)).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).tolist()
+    return np.asarray(image, dtype=np.uint8).tolist()
 
 
 def cache_key(config: dict[str, Any]) -> str:

@@ -63,6 +63,12 @@ ATTACKS: dict[str, dict[str, Any] | None] = {
 EXTRA_ATTACKS: dict[str, Any] = {
     "Blended-photo": lambda: {"type": "blended", "target": TARGET, "pattern": photo_pattern()},
 }
+DEFENSES = ("ft", "default", "auto", "rule", "sweep")
+TSBD_DEFENSES = frozenset(DEFENSES) - {"ft"}
+# the engine's default device choice, with the timed CPU mode remembered across the
+# benchmark's processes so that every run on this machine computes the same way
+DEVICE = DeviceOptions(mode_cache=str(CACHE_DIR / "cpu-modes.json"))
+TRAIN_CONFIG = TrainConfig(epochs=6, lr=0.02, batch_size=128, augment=AugmentConfig(crop_padding=2))
 
 
 def attack_trigger(name: str) -> dict[str, Any] | None:
@@ -72,12 +78,6 @@ def attack_trigger(name: str) -> dict[str, Any] | None:
     if name in EXTRA_ATTACKS:
         return EXTRA_ATTACKS[name]()
     raise KeyError(name)
-DEFENSES = ("ft", "default", "auto", "rule", "sweep")
-TSBD_DEFENSES = frozenset(DEFENSES) - {"ft"}
-# the engine's default device choice, with the timed CPU mode remembered across the
-# benchmark's processes so that every run on this machine computes the same way
-DEVICE = DeviceOptions(mode_cache=str(CACHE_DIR / "cpu-modes.json"))
-TRAIN_CONFIG = TrainConfig(epochs=6, lr=0.02, batch_size=128, augment=AugmentConfig(crop_padding=2))
 
 
 @dataclass(frozen=True)

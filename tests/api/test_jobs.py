@@ -342,3 +342,14 @@ def test_unknown_job_is_404(sqlite_api: Api, path: str) -> None:
     tenant = sqlite_api.tenant()
     response = sqlite_api.client.get(f"/v1/jobs/{uuid.uuid4()}{path}", headers=tenant.headers)
     assert_problem(response, 404, "not-found")
+
+
+def test_a_trigger_that_does_not_fit_the_models_input_is_refused() -> None:
+    from api.core.services import RejectedInput
+    from api.core.services.jobs import _check_trigger
+
+    rgb_pattern = {"type": "blended", "target": 0, "pattern": [[[1, 2, 3]]]}
+    _check_trigger(rgb_pattern, spec={"num_classes": 4, "in_channels": 3, "input_size": [8, 8]})
+    _check_trigger(rgb_pattern, spec={"num_classes": 4, "in_channels": 1, "input_size": [8, 8]})  # grey
+    with pytest.raises(RejectedInput, match="3 channels, the images have 2"):
+        _check_trigger(rgb_pattern, spec={"num_classes": 4, "in_channels": 2, "input_size": [8, 8]})
