@@ -40,7 +40,7 @@ from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model
 from defense_core.transforms import AugmentConfig
-from defense_core.tsbd.aft import finetune_
+from defense_core.tsbd.aft import finetune_, reestimate_bn_
 from defense_core.tsbd.choose_n import choose_neuron_ratio
 from defense_core.tsbd.nwc import NeuronRanking, rank_neurons
 from defense_core.tsbd.reinit import auto_neuron_ratio, zero_reinit_
@@ -325,22 +325,31 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
             model, ranking, split.clean, spec=spec, weight_ratio=config.reinit.weight_ratio)))
     if "sweep" in defenses:
         choices += [(f"TSBD n={n:g}", n) for n in n_values]
-    done: dict[float, Row] = {}
+    done: dict[float, list[Row]] = {}
     for label, n in choices:
         if n not in done:
             started = time.perf_counter()
             candidate = copy.deepcopy(model)
             reinit = zero_reinit_(candidate, ranking, dataclasses.replace(config.reinit, neuron_ratio=n))
+            # the BN re-estimation (on with noise blends) is finetune_'s last step: run it
+            # here to also report the model with the statistics fine-tuning left
             finetune = finetune_(
-                candidate, split.clean, spec=spec, config=config.aft, augment=config.augment,
-                batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed + 1),
-                runtime=runtime,
+                candidate, split.clean, spec=spec, config=dataclasses.replace(config.aft, bn_reestimate=False),
+                augment=config.augment, batch_size=config.batch_size,
+                generator=torch.Generator().manual_seed(config.seed + 1), runtime=runtime,
             )
+            kept = None
+            if config.aft.reestimates_bn:
+                kept = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime)
+                reestimate_bn_(candidate, split.clean, spec=spec, batch_size=config.batch_size, runtime=runtime)
             after = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime)
-            done[n] = Row(trained.name, label, before, after, reinit.neuron_ratio, unlearning.steps,
-                          finetune.steps, unlearn_seconds + time.perf_counter() - started)
+            row = Row(trained.name, "", before, after, reinit.neuron_ratio, unlearning.steps, finetune.steps,
+                      unlearn_seconds + time.perf_counter() - started)
+            done[n] = [row]
+            if kept is not None:
+                done[n].append(dataclasses.replace(row, defense=" (without the BN re-estimation)", after=kept))
             log.info("%s / %s: %s -> %s", trained.name, label, before.to_dict(), after.to_dict())
-        rows.append(dataclasses.replace(done[n], defense=label + suffix))
+        rows += [dataclasses.replace(r, defense=label + suffix + r.defense) for r in done[n]]
     return rows, curve
 
 

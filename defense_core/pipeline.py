@@ -22,7 +22,8 @@ ft_epochs            20                      fine-tuning epochs over D ...
 ft_min_steps         200                     ... but at least this many optimizer steps
 ft_lr                0.01                    fine-tuning SGD learning rate (momentum 0.9)
 ft_noise_blend       0                       share of fine-tuning images blended with fresh
-                                             uniform noise (weight 0.1-0.3), labels kept
+                                             uniform noise (weight 0.1-0.3), labels kept;
+                                             BN statistics then re-estimated on D
 unlearn_lr           1e-4                    clean-unlearning SGD learning rate (momentum 0.9)
 unlearn_max_epochs   1000                    unlearning epoch cap
 unlearn_max_steps    10000                   unlearning step cap

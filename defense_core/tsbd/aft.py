@@ -27,7 +27,7 @@ from defense_core.device import CPU_FP32, Runtime
 from defense_core.imageset import ImageSet
 from defense_core.progress import CancelHook, NullReporter, Reporter, check_cancel
 from defense_core.spec import ModelSpec
-from defense_core.transforms import AugmentConfig
+from defense_core.transforms import AugmentConfig, Normalizer
 from defense_core.tsbd.batches import TrainBatches, cross_entropy
 from defense_core.tsbd.config import AFTConfig
 
@@ -151,7 +151,11 @@ def finetune_(
     reporter: Reporter | None = None,
     cancel: CancelHook | None = None,
 ) -> FinetuneResult:
-    """Fine-tune all parameters of ``model`` in place on ``clean`` (AFT, or FT when alpha is 0)."""
+    """Fine-tune all parameters of ``model`` in place on ``clean`` (AFT, or FT when alpha is 0).
+
+    With ``config.reestimates_bn`` (noise blends on), the BatchNorm running
+    statistics are re-estimated on ``clean`` at the end (:func:`reestimate_bn_`).
+    """
     reporter = reporter or NullReporter()
     batches = TrainBatches(
         clean, spec=spec, batch_size=batch_size, augment_config=augment, generator=generator, runtime=runtime,
@@ -177,4 +181,25 @@ def finetune_(
                 stage="finetuning", step=steps, total=total,
                 metrics={"loss": float(out.loss), "train_acc": correct / seen},
             )
+    if config.reestimates_bn:
+        reestimate_bn_(model, clean, spec=spec, batch_size=batch_size, runtime=runtime)
     return FinetuneResult(epochs, steps, float(loss_sum) / max(seen, 1), correct / max(seen, 1))
+
+
+def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_size: int,
+                   runtime: Runtime = CPU_FP32) -> None:
+    """Replace the BatchNorm running statistics of ``model`` with the mean over
+    batches of ``clean`` as it is (no augmentation, no gradients, weights
+    untouched); the model's train/eval mode is kept.
+
+    Fine-tuning with noise blends leaves statistics of partly noisy batches in
+    the running averages, which cost clean accuracy at evaluation. TorchScript
+    models are left as they are (their BatchNorm layers are not recognisable).
+    """
+    normalizer = Normalizer(spec, runtime.device)
+    batches = (
+        runtime.prepare_input(normalizer(clean.x[start : start + batch_size].to(runtime.device)))
+        for start in range(0, len(clean), batch_size)
+    )
+    with runtime.autocast():
+        torch.optim.swa_utils.update_bn(batches, model)

@@ -150,10 +150,16 @@ class AFTConfig:
     min_steps: int = 200
     # share of fine-tuning images blended with fresh noise (transforms.noise_blend); 0: off
     noise_blend: float = 0.0
+    # after fine-tuning, replace the BN running statistics with those of D without
+    # augmentation (one pass, no gradients); None: only when noise_blend > 0, whose
+    # blended batches would otherwise leave statistics of noisy images behind
+    bn_reestimate: bool | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.noise_blend, (int, float)) and 0.0 <= self.noise_blend <= 1.0):
             raise ValueError(f"ft_noise_blend must be in [0, 1], got {self.noise_blend!r}")
+        if self.bn_reestimate not in (None, True, False):
+            raise ValueError(f"ft_bn_reestimate must be true, false or null, got {self.bn_reestimate!r}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         _check_positive("rho", self.rho)
@@ -168,3 +174,7 @@ class AFTConfig:
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         return max(self.epochs, -(-self.min_steps // steps_per_epoch))
+
+    @property
+    def reestimates_bn(self) -> bool:
+        return self.noise_blend > 0 if self.bn_reestimate is None else self.bn_reestimate

@@ -112,7 +112,7 @@ def test_min_steps_schedule() -> None:
 
 def test_aft_config_validation() -> None:
     for kwargs in ({"alpha": 1.5}, {"rho": 0.0}, {"perturb_norm": "layer"}, {"lr": -1.0}, {"epochs": 0},
-                   {"noise_blend": 1.5}, {"noise_blend": -0.1}):
+                   {"noise_blend": 1.5}, {"noise_blend": -0.1}, {"bn_reestimate": "yes"}):
         with pytest.raises(ValueError):
             AFTConfig(**kwargs)  # type: ignore[arg-type]
 
@@ -150,3 +150,51 @@ def test_noise_blend_reaches_fine_tuning_batches_only_when_asked() -> None:
     plain = first_batch(0.0)
     assert torch.equal(plain, first_batch(0.0))
     assert not torch.equal(plain, first_batch(1.0))
+
+
+def test_bn_reestimate_sets_the_running_statistics_of_the_clean_set() -> None:
+    from defense_core.transforms import Normalizer
+    from defense_core.tsbd.aft import reestimate_bn_
+    from tests.unit.tsbd_fixtures import SPEC, quadrant_set
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    data = quadrant_set(40, seed=5)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+    reestimate_bn_(model, data, spec=SPEC, batch_size=40)
+    assert not model.training  # mode kept
+    # known answer for the first BN: per-channel mean and unbiased variance of conv1 over the set
+    with torch.no_grad():
+        act = model.conv1(Normalizer(SPEC)(data.x))
+    torch.testing.assert_close(model.bn1.running_mean, act.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(model.bn1.running_var, act.var(dim=(0, 2, 3), unbiased=True))
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_fine_tuning_reestimates_bn_only_with_noise_blends_unless_told() -> None:
+    from defense_core.device import CPU_FP32
+    from defense_core.transforms import NO_AUGMENT
+    from defense_core.tsbd.aft import finetune_, reestimate_bn_
+    from tests.unit.tsbd_fixtures import SPEC, quadrant_set
+
+    data = quadrant_set(32, seed=3)
+
+    def tuned(**kwargs: object) -> TinyNet:
+        torch.manual_seed(0)
+        model = TinyNet()
+        finetune_(model, data, spec=SPEC, config=AFTConfig(epochs=2, min_steps=0, **kwargs), augment=NO_AUGMENT,
+                  batch_size=16, generator=torch.Generator().manual_seed(0), runtime=CPU_FP32)
+        return model
+
+    def reestimated(model: TinyNet) -> bool:
+        again = copy.deepcopy(model)
+        reestimate_bn_(again, data, spec=SPEC, batch_size=16)
+        stats = [(a, b) for (n, a), (_, b) in zip(model.named_buffers(), again.named_buffers()) if "running" in n]
+        return all(torch.equal(a, b) for a, b in stats)
+
+    assert AFTConfig(noise_blend=0.5).reestimates_bn and not AFTConfig().reestimates_bn
+    assert reestimated(tuned(noise_blend=0.5))
+    assert not reestimated(tuned())  # plain fine-tuning keeps its running averages
+    assert reestimated(tuned(bn_reestimate=True))
+    assert not reestimated(tuned(noise_blend=0.5, bn_reestimate=False))
