@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from datetime import timedelta
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
@@ -157,11 +158,11 @@ class KeyCache:
         self._entries.clear()
 
 
-def _authenticate(factory: sessionmaker[Session], raw_key: str) -> ApiKey:
+def _authenticate(factory: sessionmaker[Session], raw_key: str, touch_interval: timedelta) -> ApiKey:
     with factory() as session:
-        key = authenticate(session=session, raw_key=raw_key)
+        key = authenticate(session=session, raw_key=raw_key, touch_interval=touch_interval)
         if session.dirty or session.new:
-            session.commit()  # last_used_at, written at most once a minute by authenticate
+            session.commit()  # last_used_at, written at most once per touch_interval by authenticate
         _ = key.org  # loaded with the key (joined); stays readable once detached
         return key
 
@@ -179,7 +180,8 @@ async def get_current_key(
     raw_key = credentials.credentials
     cache: KeyCache = request.app.state.key_cache
     factory = request.app.state.session_factory
-    key = await cache.resolve(raw_key, lambda: run_in_threadpool(_authenticate, factory, raw_key))
+    touch_interval = timedelta(seconds=request.app.state.settings.api_key_touch_interval_s)
+    key = await cache.resolve(raw_key, lambda: run_in_threadpool(_authenticate, factory, raw_key, touch_interval))
     require_scope(key, "read" if request.method in READ_METHODS else "write")
     return key
 

@@ -3,7 +3,11 @@ and cannot tell them from ids that do not exist (same 404 body apart from the id
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from typing import Any
+
+from sqlalchemy import select
 
 from tests.api.conftest import Api
 from tests.api.test_jobs import _finish_job_directly, create_job, upload_inputs
@@ -90,3 +94,21 @@ def test_key_cache_expires() -> None:
     disabled = KeyCache(ttl_s=0)
     disabled.put("cr_abcdefgh_secret", ApiKey(name="k", prefix="x", secret_hash="0", scopes=[]))
     assert disabled.get("cr_abcdefgh_secret") is None
+
+
+def test_last_used_at_follows_the_touch_interval_setting(api_factory: Any) -> None:
+    from api.core.models import ApiKey
+
+    def last_used(api: Any, tenant: Any) -> Any:
+        with api.session() as session:
+            return session.scalar(select(ApiKey.last_used_at).where(ApiKey.prefix == tenant.key.split("_")[1]))
+
+    for interval, rewritten in ((0.0, True), (3600.0, False)):
+        with contextlib.contextmanager(api_factory)(api_key_touch_interval_s=interval) as api:
+            tenant = api.tenant()
+            assert api.client.get("/v1/jobs", headers=tenant.headers).status_code == 200
+            first = last_used(api, tenant)
+            assert first is not None
+            api.app.state.key_cache.clear()  # stands in for the 2 s key cache running out
+            assert api.client.get("/v1/jobs", headers=tenant.headers).status_code == 200
+            assert (last_used(api, tenant) != first) is rewritten, interval
