@@ -228,7 +228,7 @@ def _to_json(rows: list["Row"], infos: list[ModelInfo], curves: dict[str, list["
 def merge(paths: list[Path], *, spec: ModelSpec, config: TrainConfig, out: Path) -> None:
     """Render one report from the JSON of runs over disjoint model subsets (run in parallel)."""
     rows: list[Row] = []
-    infos: list[ModelInfo] = []
+    infos: dict[str, ModelInfo] = {}
     curves: dict[str, list[CurvePoint]] = {}
     wall = 0.0
     for path in paths:
@@ -236,12 +236,15 @@ def merge(paths: list[Path], *, spec: ModelSpec, config: TrainConfig, out: Path)
         for r in data["rows"]:
             r["before"], r["after"] = StageMetrics(**r["before"]), StageMetrics(**r["after"])
             rows.append(Row(**r))
-        infos += [ModelInfo(**m) for m in data["models"] if m["name"] not in {i.name for i in infos}]
+        for info in (ModelInfo(**m) for m in data["models"]):
+            if info.name not in infos or infos[info.name].from_cache:  # the run that trained it, if any
+                infos[info.name] = info
         curves.update({k: [CurvePoint(**p) for p in v] for k, v in data["curves"].items()})
         wall = max(wall, data["wall"])
     # runs over the same model (e.g. a later run with more n values) repeat its "none" row
     rows = list({(r.model, r.defense): r for r in rows}.values())
-    out.write_text(render(rows, infos, curves, spec=spec, config=config, wall=wall, parallel=len(paths)))
+    out.write_text(render(rows, list(infos.values()), curves, spec=spec, config=config, wall=wall,
+                          parallel=len(paths)))
     log.info("wrote %s", out)
 
 
