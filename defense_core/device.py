@@ -32,7 +32,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import ContextManager, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import nn
@@ -214,9 +219,25 @@ class CpuModeCache:
                 self._remember(key, found)
             return self._memory[key]
 
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Exclusive across processes (``flock`` on ``<path>.lock``) while a choice is
+        read and written, so two processes that timed the same workload at the same
+        time both keep the first stored choice; without ``fcntl``, no lock."""
+        if self.path is None or fcntl is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def put(self, key: str, mode: str) -> str:
         """Remember ``mode`` for ``key`` unless a choice is already stored; return the stored one."""
-        with self._lock:
+        with self._lock, self._file_lock():
             on_disk = self._read_file()
             stored = self._memory.get(key) or on_disk.get(key)
             if stored is not None:

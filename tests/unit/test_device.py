@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 import torch
 
@@ -129,3 +132,21 @@ def test_cpu_mode_cache_is_bounded(tmp_path, monkeypatch: pytest.MonkeyPatch) ->
         cache.put(f"k{i}", "fp32")
     assert len(cache._memory) == 3 and cache.get("k4") == "fp32"
     assert sorted(dev.CpuModeCache(tmp_path / "cpu-modes.json")._read_file()) == ["k2", "k3", "k4"]
+
+
+def test_cpu_mode_stored_by_another_process_meanwhile_wins(tmp_path) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "cpu-modes.json"
+    result: list[str] = []
+    # another process holds the file while it stores the choice it timed for the same workload
+    with open(tmp_path / "cpu-modes.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        storing = threading.Thread(target=lambda: result.append(dev.CpuModeCache(path).put("k", "fp32")))
+        storing.start()
+        storing.join(0.3)
+        assert storing.is_alive() and not result  # waits instead of writing its own choice
+        path.write_text(json.dumps({"k": "channels_last"}))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    storing.join(10)
+    assert result == ["channels_last"]
+    assert dev.CpuModeCache(path).get("k") == "channels_last"
