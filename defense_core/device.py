@@ -223,12 +223,19 @@ class CpuModeCache:
     def _file_lock(self) -> Iterator[None]:
         """Exclusive across processes (``flock`` on ``<path>.lock``) while a choice is
         read and written, so two processes that timed the same workload at the same
-        time both keep the first stored choice; without ``fcntl``, no lock."""
-        if self.path is None or fcntl is None:
+        time both keep the first stored choice; without ``fcntl`` or where the lock
+        file cannot be made (a read-only directory), no lock."""
+        lock = None
+        if self.path is not None and fcntl is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                lock = open(self.path.with_name(self.path.name + ".lock"), "a")
+            except OSError:
+                log.warning("cpu mode: could not lock %s", self.path, exc_info=True)
+        if lock is None:
             yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -150,3 +150,9 @@ def test_cpu_mode_stored_by_another_process_meanwhile_wins(tmp_path) -> None:
     storing.join(10)
     assert result == ["channels_last"]
     assert dev.CpuModeCache(path).get("k") == "channels_last"
+
+
+def test_cpu_mode_cache_that_cannot_be_written_still_answers(tmp_path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    cache = dev.CpuModeCache(tmp_path / "not-a-dir" / "cpu-modes.json")  # neither lock nor file can be made
+    assert cache.put("k", "bf16") == "bf16" and cache.get("k") == "bf16"
