@@ -190,16 +190,18 @@ def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_
                    runtime: Runtime = CPU_FP32) -> None:
     """Replace the BatchNorm running statistics of ``model`` with the mean over
     batches of ``clean`` as it is (no augmentation, no gradients, weights
-    untouched); the model's train/eval mode is kept.
+    untouched); the model's train/eval mode is kept. The set is cut into
+    ``ceil(len / batch_size)`` batches whose sizes differ by at most one, so
+    each batch's equal weight in the mean is also an equal share of images.
 
     Fine-tuning with noise blends leaves statistics of partly noisy batches in
     the running averages, which cost clean accuracy at evaluation. TorchScript
     models are left as they are (their BatchNorm layers are not recognisable).
     """
     normalizer = Normalizer(spec, runtime.device)
+    parts = -(-len(clean) // batch_size)
     batches = (
-        runtime.prepare_input(normalizer(clean.x[start : start + batch_size].to(runtime.device)))
-        for start in range(0, len(clean), batch_size)
+        runtime.prepare_input(normalizer(chunk.to(runtime.device))) for chunk in torch.tensor_split(clean.x, parts)
     )
     with runtime.autocast():
         torch.optim.swa_utils.update_bn(batches, model)

@@ -172,6 +172,22 @@ def test_bn_reestimate_sets_the_running_statistics_of_the_clean_set() -> None:
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_bn_reestimate_weighs_every_image_alike_when_the_set_is_not_a_multiple_of_the_batch() -> None:
+    from defense_core.transforms import Normalizer
+    from defense_core.tsbd.aft import reestimate_bn_
+    from tests.unit.tsbd_fixtures import SPEC, quadrant_set
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    data = quadrant_set(41, seed=6)
+    reestimate_bn_(model, data, spec=SPEC, batch_size=32)  # two batches of 21 and 20, not 32 and 9
+    with torch.no_grad():
+        act = model.conv1(Normalizer(SPEC)(data.x))
+    first, second = act[:21], act[21:]
+    torch.testing.assert_close(model.bn1.running_mean, (first.mean(dim=(0, 2, 3)) + second.mean(dim=(0, 2, 3))) / 2)
+    torch.testing.assert_close(model.bn1.running_mean, act.mean(dim=(0, 2, 3)), atol=2e-3, rtol=0)
+
+
 def test_fine_tuning_reestimates_bn_only_with_noise_blends_unless_told() -> None:
     from defense_core.device import CPU_FP32
     from defense_core.transforms import NO_AUGMENT
