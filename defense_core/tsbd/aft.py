@@ -198,6 +198,9 @@ def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_
     the running averages, which cost clean accuracy at evaluation. TorchScript
     models are left as they are (their BatchNorm layers are not recognisable).
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        log.warning("TorchScript model: BatchNorm statistics kept as fine-tuning left them (not re-estimated)")
+        return
     normalizer = Normalizer(spec, runtime.device)
     parts = -(-len(clean) // batch_size)
     batches = (

@@ -188,6 +188,20 @@ def test_bn_reestimate_weighs_every_image_alike_when_the_set_is_not_a_multiple_o
     torch.testing.assert_close(model.bn1.running_mean, act.mean(dim=(0, 2, 3)), atol=2e-3, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_bn_reestimate_leaves_a_torchscript_model_as_it_is_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from defense_core.tsbd.aft import reestimate_bn_
+    from tests.unit.tsbd_fixtures import SPEC, quadrant_set
+
+    torch.manual_seed(0)
+    scripted = torch.jit.script(TinyNet())
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    with caplog.at_level("WARNING", logger="defense_core.tsbd.aft"):
+        reestimate_bn_(scripted, quadrant_set(16, seed=1), spec=SPEC, batch_size=16)
+    assert all(torch.equal(scripted.state_dict()[k], v) for k, v in before.items())
+    assert "not re-estimated" in caplog.text
+
+
 def test_fine_tuning_reestimates_bn_only_with_noise_blends_unless_told() -> None:
     from defense_core.device import CPU_FP32
     from defense_core.transforms import NO_AUGMENT
