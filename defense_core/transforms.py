@@ -76,8 +76,9 @@ def noise_blend(x: torch.Tensor, share: float, generator: torch.Generator,
         return x.clone()
     pick = (torch.rand(n, generator=generator) < share).view(-1, 1, 1, 1)
     a = torch.empty(n).uniform_(alpha[0], alpha[1], generator=generator).view(-1, 1, 1, 1)
-    noise = torch.randint(0, 256, tuple(x.shape), generator=generator, dtype=torch.int16).float()
-    pick, a, noise = pick.to(x.device), a.to(x.device), noise.to(x.device)
+    # drawn on the CPU generator (the same images on every device), moved as int16
+    noise = torch.randint(0, 256, tuple(x.shape), generator=generator, dtype=torch.int16)
+    pick, a, noise = pick.to(x.device), a.to(x.device), noise.to(x.device).float()
     mixed = ((1.0 - a) * x.float() + a * noise).round_().clamp_(0, 255).to(torch.uint8)
     return torch.where(pick, mixed, x)
 
