@@ -186,6 +186,22 @@ def finetune_(
     return FinetuneResult(epochs, steps, float(loss_sum) / max(seen, 1), correct / max(seen, 1))
 
 
+_BATCHNORM_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
+
+
+def _tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers that keep running statistics, eager or TorchScript."""
+    found = []
+    for module in model.modules():
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _BATCHNORM_NAMES
+        )
+        if is_bn and getattr(module, "running_mean", None) is not None and module.momentum != 0:
+            found.append(module)
+    return found
+
+
+@torch.no_grad()
 def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_size: int,
                    runtime: Runtime = CPU_FP32) -> None:
     """Replace the BatchNorm running statistics of ``model`` with the mean over
@@ -195,16 +211,44 @@ def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_
     each batch's equal weight in the mean is also an equal share of images.
 
     Fine-tuning with noise blends leaves statistics of partly noisy batches in
-    the running averages, which cost clean accuracy at evaluation. TorchScript
-    models are left as they are (their BatchNorm layers are not recognisable).
+    the running averages, which cost clean accuracy at evaluation.
+
+    Works on TorchScript models too, whose momentum cannot be changed: before
+    each batch a layer's statistics are zeroed (and its batch count, for
+    ``momentum=None``), so after the forward pass they hold ``momentum`` times
+    the batch's own statistics (all of them with ``None``).
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        log.warning("TorchScript model: BatchNorm statistics kept as fine-tuning left them (not re-estimated)")
+    layers = _tracked_batchnorms(model)
+    if not layers:
         return
+    sums = [(torch.zeros_like(bn.running_mean), torch.zeros_like(bn.running_var)) for bn in layers]
+    saved = [{k: v.clone() for k, v in bn.named_buffers()} for bn in layers]
     normalizer = Normalizer(spec, runtime.device)
     parts = -(-len(clean) // batch_size)
-    batches = (
-        runtime.prepare_input(normalizer(chunk.to(runtime.device))) for chunk in torch.tensor_split(clean.x, parts)
-    )
-    with runtime.autocast():
-        torch.optim.swa_utils.update_bn(batches, model)
+    was_training = model.training
+    model.train()
+    try:
+        with runtime.autocast():
+            for chunk in torch.tensor_split(clean.x, parts):
+                for bn in layers:
+                    bn.running_mean.zero_()
+                    bn.running_var.zero_()
+                    if bn.num_batches_tracked is not None:
+                        bn.num_batches_tracked.zero_()
+                model(runtime.prepare_input(normalizer(chunk.to(runtime.device))))
+                for bn, (mean, var) in zip(layers, sums):
+                    share = 1.0 if bn.momentum is None else float(bn.momentum)
+                    mean.add_(bn.running_mean, alpha=1.0 / share)
+                    var.add_(bn.running_var, alpha=1.0 / share)
+    except BaseException:
+        for bn, buffers in zip(layers, saved):  # the statistics as they were
+            for name, value in buffers.items():
+                getattr(bn, name).copy_(value)
+        raise
+    finally:
+        model.train(was_training)
+    for bn, (mean, var), buffers in zip(layers, sums, saved):
+        bn.running_mean.copy_(mean / parts)
+        bn.running_var.copy_(var / parts)
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.copy_(buffers["num_batches_tracked"] + parts)

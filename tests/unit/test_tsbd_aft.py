@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from defense_core.imageset import ImageSet
 from defense_core.tsbd.aft import AFTStepper
 from defense_core.tsbd.config import AFTConfig
 from tests.unit.tsbd_fixtures import TinyNet, single_thread  # noqa: F401 (autouse fixture)
@@ -189,17 +190,43 @@ def test_bn_reestimate_weighs_every_image_alike_when_the_set_is_not_a_multiple_o
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-def test_bn_reestimate_leaves_a_torchscript_model_as_it_is_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_bn_reestimate_gives_a_torchscript_model_the_statistics_of_the_eager_one() -> None:
     from defense_core.tsbd.aft import reestimate_bn_
     from tests.unit.tsbd_fixtures import SPEC, quadrant_set
 
     torch.manual_seed(0)
-    scripted = torch.jit.script(TinyNet())
-    before = {k: v.clone() for k, v in scripted.state_dict().items()}
-    with caplog.at_level("WARNING", logger="defense_core.tsbd.aft"):
-        reestimate_bn_(scripted, quadrant_set(16, seed=1), spec=SPEC, batch_size=16)
-    assert all(torch.equal(scripted.state_dict()[k], v) for k, v in before.items())
-    assert "not re-estimated" in caplog.text
+    eager = TinyNet().eval()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    data = quadrant_set(41, seed=2)
+    reestimate_bn_(eager, data, spec=SPEC, batch_size=16)
+    reestimate_bn_(scripted, data, spec=SPEC, batch_size=16)
+    assert not scripted.training
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(scripted.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(eager.bn1.num_batches_tracked) == 3  # three batches of 14, 14 and 13
+
+
+def test_bn_reestimate_of_momentum_none_layers_and_failed_passes() -> None:
+    from defense_core.tsbd.aft import reestimate_bn_
+    from tests.unit.tsbd_fixtures import SPEC, quadrant_set
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    reference = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average
+    data = quadrant_set(40, seed=4)
+    reestimate_bn_(model, data, spec=SPEC, batch_size=16)
+    reestimate_bn_(reference, data, spec=SPEC, batch_size=16)
+    torch.testing.assert_close(model.bn1.running_mean, reference.bn1.running_mean)
+    torch.testing.assert_close(model.bn1.running_var, reference.bn1.running_var)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = ImageSet(x=torch.cat([data.x, data.x], dim=1), y=data.y)  # two channels, the network takes one
+    with pytest.raises(RuntimeError):
+        reestimate_bn_(model, broken, spec=SPEC, batch_size=16)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # statistics restored
 
 
 def test_fine_tuning_reestimates_bn_only_with_noise_blends_unless_told() -> None:
