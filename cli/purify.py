@@ -130,7 +130,7 @@ def purify_command(
     ft_epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")] = None,
     ft_min_steps: Annotated[Optional[int], typer.Option(help="Minimum fine-tuning steps.")] = None,
     ft_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate.")] = None,
-    ft_noise_blend: Annotated[Optional[float], typer.Option(help="Share of fine-tuning images blended with fresh random noise (weight 0.1-0.3, labels kept), against blended triggers; 0 (default) turns it off.")] = None,
+    ft_noise_blend: Annotated[Optional[float], typer.Option(help="Share of fine-tuning images blended with fresh random noise (weight 0.1-0.3, labels kept), against blended triggers; default 0.5 with TSBD, 0 with --defense ft; 0 gives the paper's fine-tuning exactly.")] = None,
     unlearn_lr: Annotated[Optional[float], typer.Option(help="Clean-unlearning learning rate.")] = None,
     unlearn_max_epochs: Annotated[Optional[int], typer.Option(help="Clean-unlearning epoch cap.")] = None,
     unlearn_max_steps: Annotated[Optional[int], typer.Option(help="Clean-unlearning step cap.")] = None,

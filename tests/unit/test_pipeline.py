@@ -142,6 +142,20 @@ def test_invalid_params_raise_input_error(params) -> None:
         PurifyConfig.from_params(params)
 
 
+def test_noise_blends_are_on_for_tsbd_and_off_for_the_ft_baseline_unless_given() -> None:
+    from defense_core.pipeline import DEFAULT_NOISE_BLEND
+    from defense_core.tsbd.config import AFTConfig
+
+    assert AFTConfig().noise_blend == 0.0  # the paper's stage 2 as a library default
+    tsbd = PurifyConfig.from_params({})
+    assert tsbd.aft.noise_blend == DEFAULT_NOISE_BLEND == 0.5 and tsbd.aft.reestimates_bn
+    assert tsbd.to_params()["ft_noise_blend"] == 0.5
+    assert PurifyConfig.from_params({}, defense="ft").aft.noise_blend == 0.0
+    exact = PurifyConfig.from_params({"ft_noise_blend": 0})
+    assert exact.aft.noise_blend == 0.0 and not exact.aft.reestimates_bn
+    assert PurifyConfig.from_params({"ft_noise_blend": 0.25}, defense="ft").aft.noise_blend == 0.25
+
+
 def test_params_parse_and_round_trip() -> None:
     cfg = PurifyConfig.from_params({"r": 0.1, "neuron_ratio": "auto", "augment": {"hflip": True}, "ft_epochs": 3.0})
     assert cfg.aft.rho == 0.1 and cfg.reinit.neuron_ratio == "auto" and cfg.augment.hflip
