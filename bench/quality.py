@@ -343,9 +343,9 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
             )
             kept = None
             if config.aft.reestimates_bn:
-                kept = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime)
+                kept = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime.for_evaluation())
                 reestimate_bn_(candidate, split.clean, spec=spec, batch_size=config.batch_size, runtime=runtime)
-            after = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime)
+            after = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime.for_evaluation())
             row = Row(trained.name, "", before, after, reinit.neuron_ratio, unlearning.steps, finetune.steps,
                       unlearn_seconds + time.perf_counter() - started)
             done[n] = [row]

@@ -373,7 +373,7 @@ class _Run:
         metrics = StageMetrics()
         if self.test is not None or self.poisoned is not None:
             metrics = evaluate(self.model, self.spec, test=self.test, poisoned=self.poisoned,
-                               batch_size=self.config.eval_batch_size, runtime=self.runtime)
+                               batch_size=self.config.eval_batch_size, runtime=self.runtime.for_evaluation())
         self.timings["evaluating"] += time.monotonic() - started
         shown = {k: v for k, v in metrics.to_dict().items() if v is not None}
         self.reporter.update(stage=stage, step=step, total=total, metrics=shown)

@@ -10,8 +10,11 @@ import json
 import pytest
 import torch
 
+import defense_core.pipeline as pipeline_module
+from defense_core.device import Runtime
 from defense_core.errors import Cancelled, DatasetError, InputError
 from defense_core.imageset import ImageSet
+from defense_core.metrics import evaluate
 from defense_core.pipeline import PurifyConfig, available_defenses, purify
 from defense_core.progress import STAGES
 from tests.unit.tsbd_fixtures import SPEC, TinyNet, quadrant_set, single_thread, trained_tiny  # noqa: F401
@@ -122,6 +125,36 @@ def test_ft_baseline_skips_stage1() -> None:
     assert doc["reinit"] == {"neuron_ratio": 0.0, "weight_ratio": 0.0, "neurons_zeroed": 0, "weights_zeroed": 0}
     assert doc["top_neurons"] == [] and doc["params"]["alpha"] == 0.0
     assert result.finetune.steps == 4
+
+
+class _AutocastProbe(TinyNet):
+    """Notes, per forward pass, whether the model was training and CPU autocast was on."""
+
+    seen: list[tuple[bool, bool]] = []  # on the class, so purify's copy of the model writes here too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _AutocastProbe.seen.append((self.training, torch.is_autocast_enabled("cpu")))
+        return super().forward(x)
+
+
+def test_metrics_are_measured_in_full_precision_when_training_runs_under_autocast(monkeypatch) -> None:
+    # bf16 autocast forced for this job whatever the CPU; the reported metrics must
+    # still be those of the full-precision model (what a user deploys).
+    monkeypatch.setattr(pipeline_module, "make_runtime",
+                        lambda *args, **kwargs: Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
+    probe = _AutocastProbe()
+    probe.load_state_dict(_model().state_dict())
+    _AutocastProbe.seen.clear()
+    test, poisoned = quadrant_set(80, seed=2), _poisoned()
+    config = PurifyConfig.from_params({"ft_epochs": 2, "ft_min_steps": 4, "batch_size": 64}, defense="ft")
+    result = purify(probe, SPEC, quadrant_set(128, seed=1), test=test, poisoned=poisoned, config=config)
+    training = [autocast for was_training, autocast in _AutocastProbe.seen if was_training]
+    measuring = [autocast for was_training, autocast in _AutocastProbe.seen if not was_training]
+    assert len(training) == 4 and all(training)  # the fine-tuning steps ran under autocast
+    assert measuring and not any(measuring)      # no measurement did
+    purified = TinyNet()
+    purified.load_state_dict(result.state_dict)
+    assert result.after == evaluate(purified, SPEC, test=test, poisoned=poisoned)
 
 
 def test_defense_registry() -> None:
