@@ -130,7 +130,7 @@ def _augment(value: Any) -> AugmentConfig:
 # ft_noise_blend of a TSBD job when not given. Not part of the paper's AFT (whose
 # own config, AFTConfig, keeps 0): on the MNIST benchmark (bench/results/quality.md)
 # it takes PreAct-ResNet18's Blended ASR after TSBD from 95.1% to 0.4% and the mean
-# over BadNets/Blended/WaNet/SIG to 1.6%, for 1.0 point of CA on the clean control.
+# over BadNets/Blended/WaNet/SIG to 1.3%, for 1.0 point of CA on the clean control.
 # The "ft" baseline stays vanilla fine-tuning (0).
 DEFAULT_NOISE_BLEND = 0.5
 
