@@ -7,11 +7,11 @@ task in :mod:`worker.tasks` is a thin wrapper around :meth:`JobRunner.run`.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
+import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +36,10 @@ CANCEL_POLL_S = 0.5
 
 class JobLost(Exception):
     """This worker no longer owns the job (the reaper gave it to another, or it ended)."""
+
+
+class ChildOutputError(RuntimeError):
+    """The contained child's outputs are missing or do not match what it reported."""
 
 
 def worker_identity() -> str:
@@ -138,18 +142,6 @@ class JobChannel:
                 return
 
 
-@dataclass(frozen=True)
-class JobInputs:
-    """What the engine needs, loaded from the store and validated again."""
-
-    model: Any  # torch.nn.Module
-    spec: Any  # defense_core.spec.ModelSpec
-    clean: Any  # ImageSet
-    test: Any | None
-    poisoned: Any | None
-    config: Any  # PurifyConfig
-
-
 def _artifact(session: Session, artifact_id: uuid.UUID | None, *, org_id: uuid.UUID) -> Artifact | None:
     if artifact_id is None:
         return None
@@ -201,41 +193,55 @@ def snapshot(session: Session, job_id: uuid.UUID) -> JobSnapshot:
     )
 
 
-def load_inputs(snap: JobSnapshot, *, store: Any, workdir: Path, settings: Settings) -> JobInputs:
-    """Download every input and validate it with the engine's own loaders."""
-    from defense_core import data, loading
-    from defense_core.pipeline import PurifyConfig
-    from defense_core.spec import ModelSpec
+MAX_MODE_CACHE_BYTES = 1 << 20
 
-    spec = ModelSpec.from_dict(snap.spec)
-    config = PurifyConfig.from_params(snap.params, defense=snap.defense)
-    # the timed CPU mode is remembered per host, so a restarted worker computes the same way
-    config = dataclasses.replace(
-        config, device=dataclasses.replace(config.device, mode_cache=str(settings.cpu_mode_cache_path)))
 
-    def fetch(key: str, name: str) -> Path:
-        path = workdir / name
-        store.download_to(key, path)
-        return path
+def prepare_scratch(root: Path, job_id: uuid.UUID) -> Path:
+    """The job's scratch directory, empty: what a killed earlier attempt left is removed."""
+    scratch = root / str(job_id)
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "in").mkdir(parents=True, mode=0o700)
+    (scratch / "out").mkdir(mode=0o700)
+    return scratch
 
-    model = loading.load_model(fetch(snap.model_key, "model.bin"), spec)
-    clean = data.load_dataset(fetch(snap.clean_key, "clean.data"))
-    clean.check_fits(spec, what="clean dataset")
-    test = None
-    if snap.test_key is not None:
-        test = data.load_dataset(fetch(snap.test_key, "test.data"))
-        test.check_fits(spec, what="test dataset")
-    poisoned = None
-    if snap.poisoned_key is not None:
-        poisoned = data.load_dataset(fetch(snap.poisoned_key, "poisoned.data"))
-        poisoned.check_fits(spec, what="poisoned dataset")
-    elif snap.trigger is not None:
-        from defense_core.attacks import TriggerSpec, make_poisoned_test_set
 
-        if test is None:
-            raise InputError("a trigger needs a test dataset to build the poisoned test set from")
-        poisoned = make_poisoned_test_set(test, TriggerSpec.from_dict(snap.trigger))
-    return JobInputs(model=model, spec=spec, clean=clean, test=test, poisoned=poisoned, config=config)
+def fetch_inputs(snap: JobSnapshot, *, store: Any, scratch: Path) -> dict[str, str | None]:
+    """Download the job's files into ``scratch/in``; their names relative to ``scratch``."""
+    names: dict[str, str | None] = {}
+    for role, key in (("model", snap.model_key), ("clean", snap.clean_key),
+                      ("test", snap.test_key), ("poisoned", snap.poisoned_key)):
+        if key is None:
+            names[role] = None
+            continue
+        store.download_to(key, scratch / "in" / role)
+        names[role] = f"in/{role}"
+    return names
+
+
+def _copy_mode_cache_in(settings: Settings, scratch: Path) -> None:
+    source = settings.cpu_mode_cache_path
+    try:
+        if source.is_file() and source.stat().st_size <= MAX_MODE_CACHE_BYTES:
+            shutil.copyfile(source, scratch / "cpu-modes.json")
+    except OSError:
+        log.warning("could not copy the CPU mode cache %s", source, exc_info=True)
+
+
+def _copy_mode_cache_out(settings: Settings, scratch: Path) -> None:
+    """Keep what the child learned about CPU modes, if it is a small JSON object."""
+    written = scratch / "cpu-modes.json"
+    try:
+        if not written.is_file() or written.stat().st_size > MAX_MODE_CACHE_BYTES:
+            return
+        if not isinstance(json.loads(written.read_text(encoding="utf-8")), dict):
+            return
+        target = settings.cpu_mode_cache_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(written, tmp)
+        os.replace(tmp, target)
+    except (OSError, ValueError):
+        log.warning("could not keep the CPU mode cache", exc_info=True)
 
 
 @dataclass
@@ -286,16 +292,21 @@ class JobRunner:
     def _run_claimed(self, job_id: uuid.UUID, channel: JobChannel) -> str:
         from celery.exceptions import SoftTimeLimitExceeded
 
+        from defense_core.sandbox import ChildFailed
+
+        scratch_root = self.settings.scratch_path
         try:
-            with tempfile.TemporaryDirectory(prefix=f"cleanroom-{job_id}-") as tmp:
-                workdir = Path(tmp)
+            scratch = prepare_scratch(scratch_root, job_id)
+            try:
                 with session_scope(self.session_factory) as session:
                     snap = snapshot(session, job_id)
                 channel.update(stage="loading", step=0, total=None)
-                inputs = load_inputs(snap, store=self.store, workdir=workdir, settings=self.settings)
+                names = fetch_inputs(snap, store=self.store, scratch=scratch)
                 if channel.should_stop():
                     raise Cancelled("cancelled while loading")
-                return self._purify_and_store(job_id, snap, inputs, channel, workdir)
+                return self._purify_and_store(job_id, snap, names, channel, scratch)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         except Cancelled:
             return self._stopped(job_id, channel)
         except JobLost:
@@ -308,6 +319,10 @@ class JobRunner:
         except SoftTimeLimitExceeded:
             self._fail(job_id, runs.time_limit_error(limit_s=self.settings.job_soft_time_limit_s))
             return "failed"
+        except ChildFailed as exc:
+            log.error("job %s failed in its contained child: %s", job_id, exc)
+            self._fail(job_id, runs.internal_error(exc))
+            return "failed"
         except Exception as exc:
             if is_transient(exc):
                 self._release(job_id, exc)
@@ -316,43 +331,67 @@ class JobRunner:
             self._fail(job_id, runs.internal_error(exc))
             return "failed"
 
-    def _purify_and_store(
-        self, job_id: uuid.UUID, snap: JobSnapshot, inputs: JobInputs, channel: JobChannel, workdir: Path
-    ) -> str:
-        from defense_core import loading
-        from defense_core.pipeline import purify
+    def _contained_purify(self, job_id: uuid.UUID, snap: JobSnapshot, names: Mapping[str, str | None],
+                          channel: JobChannel, scratch: Path) -> dict[str, Any]:
+        """Run the engine on the job in a contained child; the Result document it returns."""
+        from defense_core.sandbox import Limits, run_contained, shared_pool
+        from defense_core.sandbox.confine import gpu_device_paths
 
-        result = purify(
-            inputs.model,
-            inputs.spec,
-            inputs.clean,
-            test=inputs.test,
-            poisoned=inputs.poisoned,
-            config=inputs.config,
-            reporter=channel,
-            cancel=channel.should_stop,
-            device=self.runtime.device,
+        _copy_mode_cache_in(self.settings, scratch)
+        device = {"device": self.runtime.device, "threads": self.runtime.threads,
+                  "mode_cache": "cpu-modes.json"}
+        args = {
+            **names,
+            "spec": snap.spec,
+            "defense": snap.defense,
+            "params": snap.params,
+            "trigger": snap.trigger,
+            "device": device,
+            "out": "out/purified.safetensors",
+            "metadata": {"job_id": str(job_id), "source_sha256": snap.model_sha256},
+        }
+        limits = Limits(
+            wall_seconds=float(self.settings.job_soft_time_limit_s),
+            memory_bytes=self.settings.job_memory_bytes,
+            file_bytes=max(4 * self.settings.max_model_bytes, 1 << 30),
+            threads=self.runtime.threads,
         )
+        pool = shared_pool(spares=self.settings.sandbox_spares, threads=self.runtime.threads)
+        devices = gpu_device_paths() if self.runtime.device.startswith("cuda") else ()
+        outcome = run_contained("purify", args, scratch=scratch, limits=limits, reporter=channel,
+                                should_stop=channel.should_stop, devices=devices, pool=pool)
+        log.info("job %s: contained run took %.1f s, peak memory %.0f MiB", job_id, outcome.seconds,
+                 outcome.peak_rss_bytes / 2**20)
+        _copy_mode_cache_out(self.settings, scratch)
+        return outcome.result
+
+    def _purify_and_store(
+        self, job_id: uuid.UUID, snap: JobSnapshot, names: Mapping[str, str | None], channel: JobChannel,
+        scratch: Path,
+    ) -> str:
+        from defense_core.spec import ModelSpec
+
+        document = self._contained_purify(job_id, snap, names, channel, scratch)
         if channel.should_stop():
             raise Cancelled("cancelled after the defense finished")
-        out_path = workdir / "purified.safetensors"
-        sha256 = loading.save_safetensors(
-            result.state_dict, out_path, metadata={"job_id": str(job_id), "source_sha256": snap.model_sha256}
-        )
+        out_path = scratch / "out" / "purified.safetensors"
+        if not out_path.is_file() or out_path.is_symlink():
+            raise ChildOutputError("the contained run wrote no purified model")
+        sha256 = document.get("model_sha256")
         artifact_id = uuid.uuid4()
         key = artifact_key(org_id=snap.org_id, artifact_id=artifact_id, suffix=".safetensors")
         stored = self.store.put_file(key, out_path)
         if stored.sha256 != sha256:
             self.store.delete(key)
-            raise RuntimeError("the stored purified model does not match its digest")
-        document = result.to_document(sha256)
+            raise ChildOutputError("the stored purified model does not match the digest the run reported")
+        spec = ModelSpec.from_dict(snap.spec)
         purified = runs.PurifiedModel(
             artifact_id=artifact_id,
             storage_key=key,
             size=stored.size,
-            sha256=sha256,
+            sha256=stored.sha256,
             filename=f"purified-{job_id}.safetensors",
-            meta={"spec": inputs.spec.to_dict(), "source_sha256": snap.model_sha256},
+            meta={"spec": spec.to_dict(), "source_sha256": snap.model_sha256},
         )
         try:
             with session_scope(self.session_factory) as session:

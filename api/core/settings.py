@@ -179,6 +179,56 @@ class Settings(BaseSettings):
         "bf16) it chose by timing, per model architecture and input shape, so a model computes the "
         "same way after a worker restart. Default: <data_dir>/cpu-modes.json.",
     )
+    scratch_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("scratch_dir"),
+        description="Folder of the per-job and per-upload scratch directories a contained child "
+        "reads its inputs from and writes its outputs to (the only place it can write). "
+        "Left-overs of a killed attempt are removed by the next attempt and by the reaper. "
+        "Default: <data_dir>/scratch.",
+    )
+    job_memory_bytes: int = Field(
+        default=8 * GIB,
+        ge=256 << 20,
+        validation_alias=_env("job_memory_bytes"),
+        description="Memory bound of a job's contained child (data segment rlimit and a "
+        "resident-memory watchdog); a job that passes it fails with resource-limit.",
+    )
+    model_validation_memory_bytes: int = Field(
+        default=3 * GIB // 2,
+        ge=256 << 20,
+        validation_alias=_env("model_validation_memory_bytes"),
+        description="Memory bound of the contained child that validates a model upload, plus "
+        "four times the file's size (the interpreter and torch take about 0.8 GiB of it).",
+    )
+    model_validation_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=_env("model_validation_timeout_s"),
+        description="Wall-clock bound of a model upload's validation (load and forward passes "
+        "in a contained child); past it the child is killed and the upload refused.",
+    )
+    sandbox_spares: int = Field(
+        default=1,
+        ge=0,
+        le=4,
+        validation_alias=_env("sandbox_spares"),
+        description="Warm contained children (torch imported, waiting for one request) each API "
+        "and worker process keeps, so a validation or job does not wait for an interpreter start.",
+    )
+    allow_code_models: bool = Field(
+        default=True,
+        validation_alias=_env("allow_code_models"),
+        description="Accept model formats that carry code (TorchScript, torch.export) at all; "
+        "an organization can also refuse them for itself.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("metrics_token"),
+        description="When set, GET /metrics needs 'Authorization: Bearer <token>'. When not set, "
+        "/metrics answers only clients on a loopback address (put a scraper on the same host "
+        "or set the token).",
+    )
     api_key_touch_interval_s: float = Field(
         default=60.0,
         ge=0,
@@ -227,6 +277,10 @@ class Settings(BaseSettings):
     @property
     def cpu_mode_cache_path(self) -> Path:
         return (self.cpu_mode_cache or self.data_dir / "cpu-modes.json").expanduser()
+
+    @property
+    def scratch_path(self) -> Path:
+        return (self.scratch_dir or self.data_dir / "scratch").expanduser().resolve()
 
     @property
     def is_sqlite(self) -> bool:

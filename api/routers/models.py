@@ -78,7 +78,7 @@ async def upload_model(
         artifact = await run_in_threadpool(
             lambda: artifact_service.create_model(
                 session=session, store=store, org_id=org.id, staged=upload.file, spec=spec,
-                max_bytes=settings.max_model_bytes,
+                settings=settings,
             )
         )
     return artifact_service.public_view(artifact)

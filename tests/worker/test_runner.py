@@ -117,28 +117,25 @@ def test_reaper_timing_follows_the_heartbeat_settings(tmp_path):
 
 
 def test_jobs_remember_the_cpu_mode_in_the_hosts_cache_file(tmp_path):
-    import io
+    """The child learns CPU modes in its scratch copy; the worker keeps what it wrote."""
+    import json
 
-    import numpy as np
+    from worker.runner import _copy_mode_cache_in, _copy_mode_cache_out
 
-    from defense_core.loading import save_safetensors
-    from defense_core.registry import create_model
-    from defense_core.spec import ModelSpec
-    from worker.runner import JobSnapshot, load_inputs
-
-    store = LocalStore(tmp_path / "store")
-    save_safetensors(create_model(ModelSpec.from_dict(SPEC)).state_dict(), tmp_path / "m.safetensors")
-    store.put_stream("model", [(tmp_path / "m.safetensors").read_bytes()])
-    npz = io.BytesIO()
-    np.savez(npz, x=np.zeros((20, 16, 16, 1), np.uint8), y=np.arange(20) % 10)
-    store.put_stream("clean", [npz.getvalue()])
-    snap = JobSnapshot(org_id=uuid.uuid4(), defense="tsbd", params={"seed": 1}, trigger=None, spec=SPEC,
-                       model_key="model", model_sha256="", clean_key="clean", test_key=None, poisoned_key=None)
-
-    default = Settings(data_dir=tmp_path / "var")
-    inputs = load_inputs(snap, store=store, workdir=tmp_path, settings=default)
-    assert inputs.config.device.mode_cache == str(tmp_path / "var" / "cpu-modes.json")
-    assert inputs.config.seed == 1  # the job's own parameters are kept
-    chosen = Settings(data_dir=tmp_path / "var", cpu_mode_cache=tmp_path / "modes.json")
-    inputs = load_inputs(snap, store=store, workdir=tmp_path, settings=chosen)
-    assert inputs.config.device.mode_cache == str(tmp_path / "modes.json")
+    for settings, where in ((Settings(data_dir=tmp_path / "var"), tmp_path / "var" / "cpu-modes.json"),
+                            (Settings(data_dir=tmp_path / "var", cpu_mode_cache=tmp_path / "modes.json"),
+                             tmp_path / "modes.json")):
+        scratch = tmp_path / f"scratch-{where.name}"
+        scratch.mkdir()
+        _copy_mode_cache_in(settings, scratch)
+        assert not (scratch / "cpu-modes.json").exists()  # nothing learned yet
+        (scratch / "cpu-modes.json").write_text(json.dumps({"small_cnn|1x16x16": "fp32"}))
+        _copy_mode_cache_out(settings, scratch)
+        assert json.loads(where.read_text()) == {"small_cnn|1x16x16": "fp32"}
+        other = tmp_path / f"next-{where.name}"
+        other.mkdir()
+        _copy_mode_cache_in(settings, other)  # the next job starts from it
+        assert (other / "cpu-modes.json").read_text() == where.read_text()
+        (other / "cpu-modes.json").write_text("[not an object")  # a broken write is not kept
+        _copy_mode_cache_out(settings, other)
+        assert json.loads(where.read_text()) == {"small_cnn|1x16x16": "fp32"}

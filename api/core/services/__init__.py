@@ -38,6 +38,6 @@ class RejectedInput(InvalidInput):
 def from_input_error(exc: InputError, *, where: str | None = None) -> InvalidInput | PayloadTooLarge:
     """The domain error for an engine input error; ``where`` prefixes the message."""
     detail = f"{where}: {exc}" if where else str(exc)
-    if isinstance(exc, TooLargeError):
+    if isinstance(exc, TooLargeError) or exc.code == TooLargeError.code:
         return PayloadTooLarge(detail)
     return RejectedInput(detail, slug=exc.code)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.core import repositories as repo
-from api.core.errors import NotFound
+from api.core.errors import NotFound, ServiceUnavailable
 from api.core.models import Artifact, ArtifactKind, DatasetRole
+from api.core.settings import Settings
 from api.core.services import RejectedInput, from_input_error
 from api.core.store import ArtifactStore, artifact_key
 from defense_core.errors import InputError
@@ -108,16 +111,10 @@ def create_model(
     org_id: uuid.UUID,
     staged: StagedFile,
     spec: ModelSpec,
-    max_bytes: int,
+    settings: Settings,
 ) -> Artifact:
-    """Validate ``staged`` against ``spec``, store it and record a ``model`` artifact."""
-    from defense_core.loading import inspect_model_file
-
-    try:
-        info = inspect_model_file(staged.path, spec, max_bytes=max_bytes)
-    except InputError as exc:
-        raise from_input_error(exc, where="model") from None
-    validation = info.to_dict()
+    """Validate ``staged`` against ``spec`` in a contained child, store it and record a ``model``."""
+    validation = inspect_model_contained(staged.path, spec, settings=settings)
     return _store_and_record(
         session=session,
         store=store,
@@ -128,6 +125,56 @@ def create_model(
         file_format=str(validation.get("format", "unknown")),
         meta={"spec": spec.to_dict(), "validation": validation},
     )
+
+
+def inspect_model_contained(path: Path, spec: ModelSpec, *, settings: Settings) -> dict[str, Any]:
+    """The engine's ``inspect_model_file``, run where the model's code cannot reach the API.
+
+    Loading a model may run code it carries (TorchScript ``__setstate__``) and
+    the check runs its forward pass, so it happens in a contained child (no
+    credentials, scratch-only filesystem, memory and time bounds, killed when
+    over them), never in this process. The staged file is hard-linked into the
+    child's scratch directory (copied when the link cannot be made).
+    """
+    from defense_core.sandbox import ChildFailed, Limits, ResourceLimitError, run_contained, shared_pool
+
+    scratch = settings.scratch_path / f"upload-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True, mode=0o700)
+    try:
+        try:
+            os.link(path, scratch / "model.bin")
+        except OSError:
+            shutil.copyfile(path, scratch / "model.bin")
+        size = path.stat().st_size
+        limits = Limits(
+            wall_seconds=settings.model_validation_timeout_s,
+            memory_bytes=settings.model_validation_memory_bytes + 4 * size,
+            file_bytes=64 << 20,
+            threads=1,
+        )
+        args = {"model": "model.bin", "spec": spec.to_dict(), "max_bytes": settings.max_model_bytes}
+        try:
+            outcome = run_contained("inspect_model", args, scratch=scratch, limits=limits,
+                                    pool=shared_pool(spares=settings.sandbox_spares, threads=1))
+        except ResourceLimitError as exc:
+            raise RejectedInput(f"model: {exc}", slug="resource-limit") from None
+        except InputError as exc:
+            extra = {"operator": exc.operator} if getattr(exc, "operator", None) else None
+            error = from_input_error(exc, where="model")
+            if extra and isinstance(error, RejectedInput):
+                error.extra.update(extra)
+            raise error from None
+        except ChildFailed as exc:
+            log.warning("model validation child failed: %s", exc)
+            raise RejectedInput("model: the model crashed the validator; it cannot be used",
+                                slug="model-crashed") from None
+        except OSError as exc:  # no process could be started (EAGAIN, ENOMEM): the host's trouble
+            log.error("could not start a model validation child: %s", exc)
+            raise ServiceUnavailable("the service cannot validate models right now; try again later",
+                                     extra={"retry_after_s": 30}) from None
+        return outcome.result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def create_dataset(

@@ -1,0 +1,113 @@
+"""The work a contained child can be asked to do, by name.
+
+Each task takes plain JSON arguments whose file names are relative to the
+scratch directory (the only place the child can read or write), and returns a
+JSON-able dict. ``inspect_model`` validates an upload; ``purify`` loads a job's
+inputs, runs the defense and writes the purified model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from defense_core.errors import InputError
+from defense_core.progress import Reporter
+
+TaskFn = Callable[[Mapping[str, Any], Path, Reporter], dict[str, Any]]
+_TASKS: dict[str, TaskFn] = {}
+
+
+def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
+    def deco(fn: TaskFn) -> TaskFn:
+        _TASKS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def warm_up() -> None:
+    """Import what the tasks use, so a spare child is ready when its request comes."""
+    import defense_core.attacks  # noqa: F401
+    import defense_core.data  # noqa: F401
+    import defense_core.loading  # noqa: F401
+    import defense_core.pipeline  # noqa: F401
+    from PIL import JpegImagePlugin, PngImagePlugin  # noqa: F401
+
+
+def run(name: str, args: Mapping[str, Any], *, scratch: Path, reporter: Reporter, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        fn = _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown contained task {name!r}") from None
+    return fn(args, scratch, reporter)
+
+
+def _inside(scratch: Path, name: str | None) -> Path | None:
+    """A path argument, which must name something inside the scratch directory."""
+    if name is None:
+        return None
+    path = (scratch / name).resolve()
+    if scratch.resolve() not in path.parents:
+        raise ValueError(f"path argument {name!r} leaves the scratch directory")
+    return path
+
+
+@register_task("inspect_model")
+def _inspect_model(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -> dict[str, Any]:
+    from defense_core.loading import inspect_model_file
+    from defense_core.spec import ModelSpec
+
+    spec = ModelSpec.from_dict(args["spec"])
+    path = _inside(scratch, args["model"])
+    assert path is not None
+    return inspect_model_file(path, spec, max_bytes=int(args["max_bytes"])).to_dict()
+
+
+@register_task("purify")
+def _purify(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -> dict[str, Any]:
+    """Load and check every input, purify, write ``args["out"]``; returns the Result document."""
+    from defense_core import data, loading
+    from defense_core.attacks import TriggerSpec, make_poisoned_test_set
+    from defense_core.pipeline import PurifyConfig, purify
+    from defense_core.spec import ModelSpec
+
+    spec = ModelSpec.from_dict(args["spec"])
+    config = PurifyConfig.from_params(args.get("params") or {}, defense=args.get("defense", "tsbd"))
+    device = dict(args.get("device") or {})
+    if device.get("mode_cache") is not None:
+        device["mode_cache"] = str(_inside(scratch, device["mode_cache"]))
+    config = dataclasses.replace(config, device=dataclasses.replace(config.device, **device))
+
+    reporter.update(stage="loading", step=0, total=None)
+    model = loading.load_model(_inside(scratch, args["model"]), spec)  # type: ignore[arg-type]
+    clean = data.load_dataset(_inside(scratch, args["clean"]))  # type: ignore[arg-type]
+    clean.check_fits(spec, what="clean dataset")
+    test = None
+    if args.get("test") is not None:
+        test = data.load_dataset(_inside(scratch, args["test"]))  # type: ignore[arg-type]
+        test.check_fits(spec, what="test dataset")
+    poisoned = None
+    if args.get("poisoned") is not None:
+        poisoned = data.load_dataset(_inside(scratch, args["poisoned"]))  # type: ignore[arg-type]
+        poisoned.check_fits(spec, what="poisoned dataset")
+    elif args.get("trigger") is not None:
+        if test is None:
+            raise InputError("a trigger needs a test dataset to build the poisoned test set from")
+        poisoned = make_poisoned_test_set(test, TriggerSpec.from_dict(args["trigger"]))
+
+    result = purify(model, spec, clean, test=test, poisoned=poisoned, config=config, reporter=reporter)
+    out = _inside(scratch, args["out"])
+    assert out is not None
+    metadata = {str(k): str(v) for k, v in (args.get("metadata") or {}).items()}
+    metadata.setdefault("defense", result.defense)
+    sha256 = loading.save_safetensors(result.state_dict, out, metadata=metadata)
+    return result.to_document(sha256)
