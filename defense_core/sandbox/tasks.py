@@ -111,3 +111,67 @@ def _purify(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -> dict[
     metadata.setdefault("defense", result.defense)
     sha256 = loading.save_safetensors(result.state_dict, out, metadata=metadata)
     return result.to_document(sha256)
+
+
+@register_task("probe")
+def _probe(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -> dict[str, Any]:
+    """Try what untrusted code might try, and say what the sandbox let through.
+
+    ``read`` / ``write``: paths; ``connect``: ``[host, port]`` pairs; ``exec``:
+    an argv; ``env``: report the environment's names; ``allocate_bytes``: one
+    allocation; ``hang`` (with ``ignore_sigterm``): never return. Used by
+    ``cleanroom admin sandbox-check`` and the containment tests.
+    """
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    def attempt(fn: Callable[[], object]) -> str:
+        try:
+            fn()
+        except OSError as exc:
+            return f"denied ({errno_name(exc.errno)})"
+        except MemoryError:
+            return "denied (MemoryError)"
+        return "ok"
+
+    def read(path: str) -> None:
+        with open(path, "rb") as fh:
+            fh.read(16)
+
+    def write(path: str) -> None:
+        with open(path, "ab") as fh:
+            fh.write(b"probe\n")
+
+    def connect(host: str, port: int) -> None:
+        with socket.create_connection((host, port), timeout=2):
+            pass
+
+    out: dict[str, Any] = {
+        "read": {p: attempt(lambda p=p: read(p)) for p in args.get("read", [])},
+        "write": {p: attempt(lambda p=p: write(p)) for p in args.get("write", [])},
+        "connect": {f"{h}:{port}": attempt(lambda h=h, port=port: connect(h, int(port)))
+                    for h, port in args.get("connect", [])},
+    }
+    if args.get("exec"):
+        out["exec"] = attempt(lambda: subprocess.run(list(args["exec"]), check=False, timeout=5))
+    if args.get("env"):
+        import os
+
+        out["env"] = sorted(os.environ)
+    if args.get("allocate_bytes"):
+        out["allocate"] = attempt(lambda: bytearray(int(args["allocate_bytes"])))
+    if args.get("hang"):
+        if args.get("ignore_sigterm"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        reporter.update(stage="hanging", step=0, total=None)
+        while True:
+            time.sleep(0.05)
+    return out
+
+
+def errno_name(number: int | None) -> str:
+    import errno
+
+    return errno.errorcode.get(number or 0, str(number))
