@@ -68,8 +68,16 @@ class _ProgressReporter:
     def __init__(self, progress: Any) -> None:
         self.progress = progress
         self.tasks: dict[str, Any] = {}
+        self.started = False
+
+    def stop(self) -> None:
+        if self.started:
+            self.progress.stop()
 
     def update(self, *, stage: str, step: int, total: int | None, metrics: Mapping[str, float] | None = None) -> None:
+        if not self.started:  # shown from the first update on, so an early error stays one line
+            self.progress.start()
+            self.started = True
         shown = " ".join(f"{k}={v:.3g}" for k, v in (metrics or {}).items())
         description = f"{stage:<15} {shown}"
         if stage not in self.tasks:
@@ -78,6 +86,62 @@ class _ProgressReporter:
                                      completed=self.progress.tasks[task].completed or 1)
             self.tasks[stage] = self.progress.add_task(description, total=total)
         self.progress.update(self.tasks[stage], completed=step, total=total, description=description)
+
+
+def _purify_contained(args: dict[str, Any], spec: Any, params: dict[str, Any], device: Any,
+                      trigger: dict[str, Any] | None, reporter: _ProgressReporter) -> dict[str, Any]:
+    """Copy the inputs into a scratch directory and purify them in a contained child."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from defense_core.sandbox import Limits, run_contained
+
+    scratch = Path(tempfile.mkdtemp(prefix="cleanroom-purify-"))
+    try:
+        (scratch / "in").mkdir()
+        (scratch / "out").mkdir()
+        names: dict[str, str | None] = {}
+        for role in ("model", "clean", "test", "poisoned"):
+            names[role] = None
+            if args[role] is not None:
+                shutil.copyfile(args[role], scratch / "in" / role)
+                names[role] = f"in/{role}"
+        cache = Path(device.mode_cache) if device.mode_cache else None
+        if cache is not None and cache.is_file() and cache.stat().st_size <= MAX_JSON_BYTES:
+            shutil.copyfile(cache, scratch / "cpu-modes.json")
+        threads = device.threads or len(os.sched_getaffinity(0))
+        memory = args["memory_limit_gib"]
+        limits = Limits(
+            wall_seconds=args["time_limit_s"] or 24 * 3600.0,
+            memory_bytes=int(memory * 2**30) if memory else int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+            threads=threads,
+        )
+        child_device = {"device": device.device, "cpu_bf16": device.cpu_bf16, "channels_last": device.channels_last,
+                        "threads": threads, "mode_cache": "cpu-modes.json"}
+        task_args = {**names, "spec": spec.to_dict(), "defense": args["defense"], "params": params,
+                     "trigger": trigger, "device": child_device, "out": "out/purified.safetensors",
+                     "metadata": {"defense": args["defense"]}}
+        doc = run_contained("purify", task_args, scratch=scratch, limits=limits, reporter=reporter).result
+        written = scratch / "out" / "purified.safetensors"
+        digest = hashlib.sha256()
+        with written.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != doc.get("model_sha256"):
+            raise RuntimeError("the purified model does not match the digest the contained run reported")
+        shutil.move(str(written), args["out"])
+        learned = scratch / "cpu-modes.json"
+        if cache is not None and learned.is_file() and learned.stat().st_size <= MAX_JSON_BYTES:
+            try:
+                if isinstance(json.loads(learned.read_text(encoding="utf-8")), dict):
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(learned, cache)
+            except (OSError, ValueError):
+                pass
+        return doc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _table(doc: dict[str, Any]) -> Any:
@@ -145,10 +209,14 @@ def purify_command(
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format (default on CPU: chosen by timing a training step of the model in each mode; bf16 must be >= 1.5x and channels-last alone >= 1.1x faster than fp32).")] = None,
     cpu_mode_cache: Annotated[Optional[Path], typer.Option(help="JSON file that remembers the timed CPU mode per model architecture and input shape, so repeated runs on this machine compute the same way (default: $XDG_CACHE_HOME/cleanroom/cpu-modes.json, else ~/.cache/...).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the Result document on stdout.")] = False,
+    contain: Annotated[bool, typer.Option("--contain/--no-contain", help="Run the model in a contained child process (no access to your files beyond copies of the inputs, no network, memory and time bounds), as the service does. --no-contain runs it in this process: only for model files you trust.")] = True,
+    memory_limit_gib: Annotated[Optional[float], typer.Option("--memory-limit-gib", help="Memory bound of the contained run (default: 80% of this machine's memory).")] = None,
+    time_limit_s: Annotated[Optional[float], typer.Option("--time-limit-s", help="Wall-clock bound of the contained run, in seconds (default: 24 h).")] = None,
 ) -> None:
     from rich.console import Console
 
     from defense_core.errors import Cancelled, InputError
+    from defense_core.sandbox import ChildFailed
 
     err = Console(stderr=True)
     try:
@@ -163,6 +231,9 @@ def purify_command(
     except (Cancelled, KeyboardInterrupt):
         err.print("cancelled", markup=False)
         raise typer.Exit(code=130) from None
+    except ChildFailed as exc:
+        err.print(f"error: {exc}".splitlines()[0], markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
 
 
 def _run(args: dict[str, Any], *, err: Any) -> None:
@@ -202,22 +273,32 @@ def _run(args: dict[str, Any], *, err: Any) -> None:
         mode_cache=str(args["cpu_mode_cache"] or _default_mode_cache())))
 
     model_spec = ModelSpec.from_dict(_read_json(args["spec"], "spec"))
-    net = load_model(args["model"], model_spec)
-    clean_set = load_dataset(args["clean"])
-    test_set = load_dataset(args["test"]) if args["test"] is not None else None
-    poisoned_set = None
-    if args["poisoned"] is not None:
-        poisoned_set = load_dataset(args["poisoned"])
-    elif args["trigger"] is not None and test_set is not None:
-        trigger_spec = TriggerSpec.from_dict(_read_json(args["trigger"], "trigger"))
-        test_set.check_fits(model_spec, what="test set")
-        poisoned_set = make_poisoned_test_set(test_set, trigger_spec)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, redirect_stdout=False, redirect_stderr=False) as progress:
-        result = purify(net, model_spec, clean_set, test=test_set, poisoned=poisoned_set, config=config,
-                        reporter=_ProgressReporter(progress))
-    sha256 = save_safetensors(result.state_dict, args["out"], metadata={"defense": result.defense})
-    doc = result.to_document(sha256)
+    trigger = _read_json(args["trigger"], "trigger") if args["trigger"] is not None else None
+    if trigger is not None:
+        TriggerSpec.from_dict(trigger)  # refused here, before anything starts
+    reporter = _ProgressReporter(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                          TimeElapsedColumn(), console=err, redirect_stdout=False,
+                                          redirect_stderr=False))
+    try:
+        if args["contain"]:
+            doc = _purify_contained(args, model_spec, params, config.device, trigger, reporter)
+            sha256 = doc["model_sha256"]
+        else:
+            net = load_model(args["model"], model_spec)
+            clean_set = load_dataset(args["clean"])
+            test_set = load_dataset(args["test"]) if args["test"] is not None else None
+            poisoned_set = None
+            if args["poisoned"] is not None:
+                poisoned_set = load_dataset(args["poisoned"])
+            elif trigger is not None and test_set is not None:
+                test_set.check_fits(model_spec, what="test set")
+                poisoned_set = make_poisoned_test_set(test_set, TriggerSpec.from_dict(trigger))
+            result = purify(net, model_spec, clean_set, test=test_set, poisoned=poisoned_set, config=config,
+                            reporter=reporter)
+            sha256 = save_safetensors(result.state_dict, args["out"], metadata={"defense": result.defense})
+            doc = result.to_document(sha256)
+    finally:
+        reporter.stop()
     if args["as_json"]:
         sys.stdout.write(json.dumps(doc) + "\n")
         err.print(_table(doc))

@@ -87,7 +87,6 @@ def _purify(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -> dict[
         device["mode_cache"] = str(_inside(scratch, device["mode_cache"]))
     config = dataclasses.replace(config, device=dataclasses.replace(config.device, **device))
 
-    reporter.update(stage="loading", step=0, total=None)
     model = loading.load_model(_inside(scratch, args["model"]), spec)  # type: ignore[arg-type]
     clean = data.load_dataset(_inside(scratch, args["clean"]))  # type: ignore[arg-type]
     clean.check_fits(spec, what="clean dataset")

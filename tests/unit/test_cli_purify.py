@@ -70,7 +70,8 @@ def test_purify_remembers_the_cpu_mode_in_the_user_cache(files: dict[str, Path],
 
     monkeypatch.setattr(dev, "_PROCESS_CACHES", {})  # as if in a new process
     monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
-    args = ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, "--device", "cpu"]
+    # in this process, so the timing can be replaced (a contained run times for real: below)
+    args = ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, "--device", "cpu", "--no-contain"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.stderr
     stored = json.loads((user_cache / "cleanroom" / "cpu-modes.json").read_text())
@@ -80,6 +81,15 @@ def test_purify_remembers_the_cpu_mode_in_the_user_cache(files: dict[str, Path],
     monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
+
+
+def test_a_contained_purify_keeps_what_its_child_learned_in_the_user_cache(files: dict[str, Path],
+                                                                           user_cache: Path) -> None:
+    args = ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    stored = json.loads((user_cache / "cleanroom" / "cpu-modes.json").read_text())
+    assert len(stored) == 1 and list(stored.values())[0] in ("fp32", "channels_last", "bf16", "bf16_channels_last")
 
 
 def test_purify_ft_table_output(files: dict[str, Path]) -> None:
