@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute, APIRouter
 
+from api.core import scratch
 from api.core.db import make_engine, make_session_factory, session_scope, upgrade_database
 from api.core.services import jobs as job_service
 from api.core.settings import Settings, get_settings
@@ -86,6 +87,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(settings.ensure_dirs)
+        await run_in_threadpool(lambda: scratch.sweep(settings=settings, session_factory=None))
         if run_migrations:
             await run_in_threadpool(upgrade_database, settings.database_url)
         if freeze_gc:

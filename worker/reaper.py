@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.core import scratch
 from api.core.db import session_scope
 from api.core.queue import enqueue_purify, queue_depth
 from api.core.services import runs
@@ -64,6 +65,14 @@ def reap_once(
         task_id = enqueue_purify(settings=settings, job_id=job_id, app=celery_app)
         with session_scope(session_factory) as session:
             runs.set_task_id(session=session, job_id=job_id, task_id=task_id)
+    try:
+        from worker.runner import owner_alive, worker_identity
+
+        me = worker_identity()  # a job of this very process (a solo pool) is alive
+        scratch.sweep(settings=settings, session_factory=session_factory,
+                      owner_alive=lambda owner: owner == me or owner_alive(owner))
+    except OSError:
+        log.warning("reaper: could not sweep the scratch folder", exc_info=True)
     if report.to_enqueue or report.failed or report.cancelled:
         log.warning(
             "reaper: re-queued %d, resent %d, failed %d, cancelled %d",
