@@ -80,6 +80,8 @@ def _problem_example(status: int, slug: str, title: str, detail: str) -> dict[st
 _PROBLEM_EXAMPLES: dict[int, tuple[str, str, str]] = {
     400: ("bad-request", "Bad request", "the request is malformed"),
     401: ("unauthorized", "Missing or invalid API key", "send Authorization: Bearer <key>"),
+    403: ("metrics-forbidden", "Metrics not available to this client",
+          "GET /metrics needs 'Authorization: Bearer <METRICS_TOKEN>'"),
     404: ("not-found", "Not found", f"job {EXAMPLE_JOB_ID} not found"),
     409: ("job-not-succeeded", "Job has not succeeded", "job is running; no result yet"),
     413: ("payload-too-large", "Payload too large", "the file exceeds 2147483648 bytes"),

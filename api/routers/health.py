@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
-from api.core.errors import ServiceUnavailable
+from api.core.errors import Forbidden, ServiceUnavailable
 from api.core.settings import Settings
 from api.deps import MetricsDep, SessionDep, SettingsDep, StoreDep
 from api.metrics import CONTENT_TYPE
@@ -87,13 +89,40 @@ def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> Readi
     return Readiness(checks=results)
 
 
+class MetricsForbidden(Forbidden):
+    type = "metrics-forbidden"
+    title = "Metrics not available to this client"
+
+
+def _metrics_allowed(request: Request, settings: Settings) -> None:
+    """``METRICS_TOKEN`` set: its bearer token; unset: loopback clients only."""
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise MetricsForbidden("GET /metrics needs 'Authorization: Bearer <METRICS_TOKEN>'")
+        return
+    host = request.client.host if request.client else ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise MetricsForbidden("GET /metrics answers loopback clients only; set METRICS_TOKEN to scrape "
+                               "it from elsewhere")
+
+
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    description="Service metrics (job counts across organizations, request rates). With "
+    "METRICS_TOKEN set it needs that bearer token; without, it answers loopback clients only.",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {"example": "cleanroom_jobs{status=\"queued\"} 3.0\n"}}}},
+    responses={200: {"content": {CONTENT_TYPE: {"example": "cleanroom_jobs{status=\"queued\"} 3.0\n"}}},
+               **problem_responses(403)},
 )
-def metrics(metrics: MetricsDep) -> Response:
+def metrics(request: Request, metrics: MetricsDep, settings: SettingsDep) -> Response:
+    _metrics_allowed(request, settings)
     return Response(content=metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -58,6 +58,13 @@ class Api:
     def session(self) -> Session:
         return self.app.state.session_factory()
 
+    def metrics_text(self) -> str:
+        """GET /metrics as a client on the loopback address (the default rule without a token)."""
+        local = TestClient(self.app, client=("127.0.0.1", 50000))
+        response = local.get("/metrics")
+        assert response.status_code == 200, response.text
+        return response.text
+
     def tenant(self, label: str = "org", *, scopes: tuple[str, ...] = ("read", "write")) -> Tenant:
         name = f"{label}-{secrets.token_hex(4)}"
         with self.session() as session:

@@ -56,7 +56,7 @@ def test_metrics(api: Api, model_bytes: bytes) -> None:
     for _ in range(3):
         assert api.client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).status_code == 200
     api.client.get("/no/such/route")
-    text = api.client.get("/metrics").text
+    text = api.metrics_text()
     route = "/v1/jobs/{job_id}"
     assert _sample(text, "cleanroom_http_requests_total", method="GET", route=route,
                    status="200") == 3
@@ -122,5 +122,15 @@ def test_embedded_app_migrates_sqlite_on_start(tmp_path: Any) -> None:
     settings = Settings(data_dir=tmp_path / "var")
     with TestClient(create_app(settings)) as client:  # no fixture migrated this database
         assert client.get("/readyz").status_code == 200
-        assert client.get("/metrics").status_code == 200
+        assert client.get("/metrics").status_code == 403  # not a loopback client, no token set
     assert (tmp_path / "var" / "cleanroom.db").is_file()
+
+
+def test_metrics_need_the_token_when_one_is_set(tmp_path: Any) -> None:
+    settings = Settings(data_dir=tmp_path / "var", metrics_token="scrape-me")
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic scrape-me"}):
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 403
+            assert refused.headers["content-type"].startswith("application/problem+json")
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200

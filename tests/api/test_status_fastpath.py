@@ -58,7 +58,7 @@ def test_cached_poll_skips_the_router_and_returns_the_same_bytes(api: Api, model
     assert fast.json()["id"] == job_id and fast.json()["status"] == "queued"
 
     # both polls are in the request metrics, under the route template
-    metrics = api.client.get("/metrics").text
+    metrics = api.metrics_text()
     line = next(l for l in metrics.splitlines() if l.startswith("cleanroom_http_requests_total{")
                 and 'route="/v1/jobs/{job_id}"' in l and 'status="200"' in l and 'method="GET"' in l)
     assert float(line.rsplit(" ", 1)[1]) == 2.0
