@@ -50,5 +50,11 @@ class TooLargeError(InputError):
     code = "too-large"
 
 
+class TrainingDivergedError(InputError):
+    """Training on the user's model went non-finite (extreme weights, too large a learning rate)."""
+
+    code = "training-diverged"
+
+
 class Cancelled(DefenseCoreError):
     """Raised between steps when the caller's cancellation hook answers True."""

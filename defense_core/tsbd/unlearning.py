@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from defense_core.device import CPU_FP32, Runtime
-from defense_core.errors import DefenseCoreError
+from defense_core.errors import TrainingDivergedError
 from defense_core.imageset import ImageSet
 from defense_core.metrics import accuracy
 from defense_core.progress import CancelHook, NullReporter, Reporter, check_cancel
@@ -115,7 +115,8 @@ def unlearn_(
             steps += 1
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise DefenseCoreError("clean unlearning diverged (non-finite loss); try a smaller unlearn_lr")
+                raise TrainingDivergedError(
+                    "clean unlearning diverged (non-finite loss); try a smaller unlearn_lr")
             metrics = {"loss": loss_value, "batch_acc": correct.item() / y.shape[0]}
             checked = False
             if i == spe - 1:

@@ -274,3 +274,16 @@ def test_sweep_needs_test_and_poisoned_data_and_valid_values() -> None:
             PurifyConfig.from_params({"neuron_ratio": bad})
     with pytest.raises(InputError, match="do not apply"):
         PurifyConfig.from_params({"neuron_ratio": "sweep"}, defense="ft")
+
+
+def test_a_model_that_makes_training_diverge_is_the_inputs_fault() -> None:
+    from defense_core.errors import TrainingDivergedError
+
+    huge = copy.deepcopy(_model())
+    with torch.no_grad():
+        for p in huge.parameters():
+            p.fill_(3e38)
+    config = PurifyConfig.from_params(FAST)
+    with pytest.raises(TrainingDivergedError, match="try a smaller unlearn_lr") as caught:
+        purify(huge, SPEC, quadrant_set(128, seed=1), config=config)
+    assert isinstance(caught.value, InputError) and caught.value.code == "training-diverged"
