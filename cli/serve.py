@@ -54,6 +54,7 @@ def api_command(options: ServeOptions) -> list[str]:
         sys.executable, "-m", "uvicorn", "api.main:app",
         "--host", options.host, "--port", str(options.port),
         "--log-level", options.log_level.lower(), "--no-access-log",
+        "--http", "api.http_protocol:ProblemH11Protocol",
     ]
 
 

@@ -222,6 +222,20 @@ class Settings(BaseSettings):
         description="Accept model formats that carry code (TorchScript, torch.export) at all; "
         "an organization can also refuse them for itself.",
     )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias=_env("http_header_timeout_s"),
+        description="Served with --http api.http_protocol:ProblemH11Protocol: a connection must send "
+        "a request's complete headers within this many seconds (408 problem+json otherwise).",
+    )
+    http_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=_env("http_body_timeout_s"),
+        description="Served with --http api.http_protocol:ProblemH11Protocol: the longest pause "
+        "allowed between two pieces of a request body before the connection is closed.",
+    )
     metrics_token: SecretStr | None = Field(
         default=None,
         validation_alias=_env("metrics_token"),

@@ -148,7 +148,8 @@ class Service:
     def start_api(self) -> None:
         self.api = self._spawn(
             [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"],
+             "--port", str(self.port), "--log-level", "warning",
+             "--http", "api.http_protocol:ProblemH11Protocol"],
             "api",
         )
         deadline = time.monotonic() + 60
