@@ -131,3 +131,66 @@ def migrate(
         reason = str(getattr(error, "orig", None) or error).splitlines()[0]
         raise _fail(f"migration failed: {reason}") from None
     typer.echo(f"database migrated to {revision}")
+
+
+@admin_app.command("sandbox-check")
+def sandbox_check() -> None:
+    """Start a contained child and report what this host enforces on it.
+
+    The child tries to read a file outside its scratch directory, write /tmp,
+    connect to the database and broker ports, start a program and list its
+    environment; each line says whether it was stopped. Exits 1 when anything
+    got through.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from defense_core.sandbox import Limits, run_contained
+
+    outside = Path(tempfile.mkdtemp(prefix="cleanroom-check-"))
+    secret = outside / "secret"
+    secret.write_text("not for the child")
+    scratch = outside / "scratch"
+    scratch.mkdir()
+    try:
+        outcome = run_contained(
+            "probe",
+            {"read": [str(secret), "/etc/passwd"], "write": [str(outside / "written"), "/tmp/cleanroom-check"],
+             "connect": [["127.0.0.1", 5432], ["127.0.0.1", 6379]], "exec": ["/bin/true"], "env": True},
+            scratch=scratch, limits=Limits(wall_seconds=120),
+        )
+    finally:
+        import shutil
+
+        shutil.rmtree(outside, ignore_errors=True)
+    confinement, result = outcome.confinement, outcome.result
+    typer.echo(f"landlock ABI {confinement.get('landlock_abi', 0)}; seccomp "
+               f"{'on' if confinement.get('seccomp') else 'off'}; rlimits {confinement.get('rlimits')}")
+    for line in confinement.get("landlock", []):
+        typer.echo(f"  enforced: {line}")
+    for line in confinement.get("missing", []):
+        typer.echo(f"  NOT enforced: {line}")
+    leaks = []
+    for kind in ("read", "write", "connect"):
+        for target, verdict in result.get(kind, {}).items():
+            typer.echo(f"  {kind} {target}: {verdict}")
+            if verdict == "ok":
+                leaks.append(f"{kind} {target}")
+    typer.echo(f"  exec /bin/true: {result.get('exec')}")
+    if result.get("exec") == "ok":
+        leaks.append("exec")
+    secrets_seen = [name for name in result.get("env", []) if name not in _child_env_names()]
+    typer.echo(f"  environment: {', '.join(result.get('env', []))}")
+    if secrets_seen:
+        leaks.append(f"environment {secrets_seen}")
+    if leaks or confinement.get("missing"):
+        raise _fail(f"not contained on this host: {'; '.join(leaks + confinement.get('missing', []))}")
+    typer.echo("contained: nothing got through")
+
+
+def _child_env_names() -> frozenset[str]:
+    """The names a child's environment may hold: what the supervisor passes, and TMPDIR."""
+    from defense_core.sandbox import child_env
+    from defense_core.sandbox.supervisor import PASSED_ENV
+
+    return frozenset(child_env(1)) | frozenset(PASSED_ENV) | {"TMPDIR", "LC_CTYPE"}

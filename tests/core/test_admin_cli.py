@@ -87,3 +87,14 @@ def test_unmigrated_database_gives_a_hint(
     result = CliRunner().invoke(app, ["admin", "create-org", "x"])
     assert result.exit_code == 1
     assert "cleanroom admin migrate" in result.output
+
+
+@pytest.mark.skipif(not __import__("defense_core.sandbox.confine", fromlist=["x"]).landlock_abi() >= 4,
+                    reason="full containment needs Landlock ABI 4 (Linux 6.7)")
+def test_sandbox_check_reports_what_the_host_enforces(run: Callable[..., Result], monkeypatch) -> None:
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "hunter2")  # a credential the child must not see
+    result = run("sandbox-check")
+    assert result.exit_code == 0, result.output
+    assert "contained: nothing got through" in result.output
+    assert "S3_SECRET_ACCESS_KEY" not in result.output
+    assert result.output.count(": denied") == 7
