@@ -67,6 +67,28 @@ def create_org(name: Annotated[str, typer.Argument(help="Organization name (uniq
     typer.echo(f"created organization {org_name} ({org_id})")
 
 
+@admin_app.command("set-org")
+def set_org(
+    name: Annotated[str, typer.Argument(help="Organization name.")],
+    allow_code_models: Annotated[
+        bool | None,
+        typer.Option("--allow-code-models/--no-allow-code-models",
+                     help="Accept models that carry code (TorchScript, torch.export) from this organization."),
+    ] = None,
+) -> None:
+    """Change an organization's settings (shown after the change)."""
+    from api.core import repositories as repo
+
+    with _session() as session:
+        org = repo.get_org_by_name(session=session, name=name)
+        if org is None:
+            raise _fail(f"organization {name!r} does not exist")
+        if allow_code_models is not None:
+            org.allow_code_models = allow_code_models
+        allowed = org.allow_code_models
+    typer.echo(f"organization {name}: allow_code_models={'yes' if allowed else 'no'}")
+
+
 @admin_app.command("create-key")
 def create_key(
     org_name: Annotated[str, typer.Argument(help="Organization the key belongs to.")],

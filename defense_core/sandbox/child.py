@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -39,21 +40,49 @@ class _Events:
                   metrics=clean)
 
 
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+_OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator", "out of memory")
+
+
+def tidy_message(text: str) -> str:
+    """One line for a person: a TorchScript traceback becomes its first and last lines,
+    memory addresses are dropped."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    message = lines[0]
+    if len(lines) > 1 and lines[-1] != lines[0]:
+        message = f"{lines[0]} ... {lines[-1]}"
+    return _ADDRESS.sub("<address>", message)[:2000]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, MemoryError) or any(m in str(current) for m in _OUT_OF_MEMORY):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
 def _error_fields(exc: BaseException) -> dict[str, Any]:
     from defense_core.errors import InputError
 
+    if _out_of_memory(exc):
+        return {"kind": "resource", "code": "memory-limit",
+                "message": "the model needed more memory than its bound"}
     if isinstance(exc, InputError):
-        fields: dict[str, Any] = {"kind": "input", "code": exc.code, "message": str(exc)}
+        fields: dict[str, Any] = {"kind": "input", "code": exc.code, "message": tidy_message(str(exc))}
         operator = getattr(exc, "operator", None)
         if isinstance(operator, str):
             fields["operator"] = operator
         return fields
-    if isinstance(exc, MemoryError):
-        return {"kind": "resource", "code": "memory-limit", "message": "the child ran out of memory"}
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
     return {"kind": "internal", "code": "internal", "class": type(exc).__name__,
-            "message": str(exc).splitlines()[0][:500] if str(exc) else "", "where": where}
+            "message": tidy_message(str(exc))[:500], "where": where}
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ the stored object again, so a failed upload leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import logging
 import os
@@ -23,18 +25,21 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
 from api.core import repositories as repo
-from api.core.errors import NotFound, ServiceUnavailable
-from api.core.models import Artifact, ArtifactKind, DatasetRole
+from api.core.errors import DomainError, NotFound, OutOfResources, ServiceUnavailable
+from api.core.models import Artifact, ArtifactKind, DatasetRole, Organization
 from api.core.settings import Settings
 from api.core.services import RejectedInput, from_input_error
 from api.core.store import ArtifactStore, artifact_key
 from defense_core.errors import InputError
 from defense_core.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from defense_core.data import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,7 @@ def create_model(
     settings: Settings,
 ) -> Artifact:
     """Validate ``staged`` against ``spec`` in a contained child, store it and record a ``model``."""
+    check_code_allowed(session=session, org_id=org_id, spec=spec, settings=settings)
     validation = inspect_model_contained(staged.path, spec, settings=settings)
     return _store_and_record(
         session=session,
@@ -125,6 +131,24 @@ def create_model(
         file_format=str(validation.get("format", "unknown")),
         meta={"spec": spec.to_dict(), "validation": validation},
     )
+
+
+CODE_ARCHS = frozenset({"torchscript", "torch_export"})  # formats that carry their own code
+
+
+def check_code_allowed(*, session: Session, org_id: uuid.UUID, spec: ModelSpec, settings: Settings) -> None:
+    """422 ``code-models-refused`` when the service or the organization refuses code-carrying models."""
+    if spec.arch not in CODE_ARCHS:
+        return
+    if not settings.allow_code_models:
+        raise RejectedInput(f"this service does not accept models that carry code (spec.arch {spec.arch!r}); "
+                            "upload safetensors or a state dict with a registry architecture",
+                            slug="code-models-refused")
+    org = session.get(Organization, org_id)  # read now, not from the key cache: a change applies at once
+    if org is not None and not org.allow_code_models:
+        raise RejectedInput(f"your organization does not accept models that carry code (spec.arch {spec.arch!r}); "
+                            "upload safetensors or a state dict with a registry architecture",
+                            slug="code-models-refused")
 
 
 def inspect_model_contained(path: Path, spec: ModelSpec, *, settings: Settings) -> dict[str, Any]:
@@ -186,12 +210,7 @@ def create_dataset(
     role: DatasetRole,
 ) -> Artifact:
     """Validate ``staged`` as a dataset of ``role``, store it and record a ``dataset`` artifact."""
-    from defense_core.data import inspect_dataset_file
-
-    try:
-        info = inspect_dataset_file(staged.path, role=role.value)
-    except InputError as exc:
-        raise from_input_error(exc, where="dataset") from None
+    info = inspect_dataset(staged.path, role=role)
     validation = info.to_dict()
     return _store_and_record(
         session=session,
@@ -202,6 +221,42 @@ def create_dataset(
         role=role,
         file_format=str(validation.get("format", "unknown")),
         meta={"validation": validation},
+    )
+
+
+def inspect_dataset(path: Path, *, role: DatasetRole) -> DatasetInfo:
+    """The engine's ``inspect_dataset_file`` (in this process, within its ``ArchiveLimits``).
+
+    Bad input is a 4xx with the engine's code. Running short of memory or file
+    handles while reading is the server's trouble: a retryable 503
+    (:class:`OutOfResources`), whatever the file. The domain error is raised
+    outside the ``except`` blocks so it carries no ``__context__``: the failed
+    read's frames, and the buffers they held, go as soon as the error is handled.
+    """
+    from defense_core.data import inspect_dataset_file, is_resource_error
+
+    error: DomainError
+    try:
+        return inspect_dataset_file(path, role=role.value)
+    except InputError as exc:
+        error = from_input_error(exc, where="dataset")
+    except Exception as exc:
+        if not is_resource_error(exc):
+            raise
+        error = _out_of_resources(exc, what="the dataset")
+    if isinstance(error, OutOfResources):
+        gc.collect()  # reference cycles from the failed read would otherwise hold memory until a full collection
+    raise error
+
+
+def _out_of_resources(exc: BaseException, *, what: str) -> OutOfResources:
+    handles = isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+    short_of = "file handles" if handles else "memory"
+    log.warning("ran short of %s while reading %s (%s: %s)", short_of, what, type(exc).__name__, exc)
+    return OutOfResources(
+        f"the server ran short of {short_of} while reading {what}; nothing is wrong with "
+        "the upload, try again later",
+        extra={"short_of": short_of.replace(" ", "-")},
     )
 
 
