@@ -41,6 +41,7 @@ class _Events:
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+_MODEL_CODE_FAILED = "The following operation failed in the TorchScript interpreter"
 _OUT_OF_MEMORY = ("can't allocate memory", "DefaultCPUAllocator", "out of memory")
 
 
@@ -73,6 +74,9 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
     if _out_of_memory(exc):
         return {"kind": "resource", "code": "memory-limit",
                 "message": "the model needed more memory than its bound"}
+    if isinstance(exc, RuntimeError) and str(exc).startswith(_MODEL_CODE_FAILED):
+        # raised by the model's own code (TorchScript): the input's doing, not the engine's
+        return {"kind": "input", "code": "model-failed", "message": "the model's code failed: " + tidy_message(str(exc))}
     if isinstance(exc, InputError):
         fields: dict[str, Any] = {"kind": "input", "code": exc.code, "message": tidy_message(str(exc))}
         operator = getattr(exc, "operator", None)
