@@ -292,7 +292,7 @@ class JobRunner:
     def _run_claimed(self, job_id: uuid.UUID, channel: JobChannel) -> str:
         from celery.exceptions import SoftTimeLimitExceeded
 
-        from defense_core.sandbox import ChildFailed
+        from defense_core.sandbox import ChildFailed, ResourceLimitError
 
         scratch_root = self.settings.scratch_path
         try:
@@ -312,6 +312,13 @@ class JobRunner:
         except JobLost:
             log.warning("job %s: no longer owned by %s; stopping without writing", job_id, self.worker)
             return "lost"
+        except ResourceLimitError as exc:
+            log.info("job %s stopped at its %s bound: %s", job_id, exc.bound, exc)
+            if exc.bound == "time":
+                self._fail(job_id, runs.time_limit_error(limit_s=self.settings.job_soft_time_limit_s))
+            else:
+                self._fail(job_id, runs.input_error(exc))
+            return "failed"
         except InputError as exc:
             log.info("job %s failed on bad input: %s", job_id, exc)
             self._fail(job_id, runs.input_error(exc))

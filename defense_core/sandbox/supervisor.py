@@ -71,9 +71,16 @@ class ChildInputError(InputError):
 
 
 class ResourceLimitError(InputError):
-    """The model needed more memory or time than its bound: deterministic, the input's doing."""
+    """The model needed more memory or time than its bound: deterministic, the input's doing.
+
+    ``bound`` says which: ``"memory"``, ``"time"`` (wall clock), ``"cpu"`` or ``"file"``.
+    """
 
     code = "resource-limit"
+
+    def __init__(self, message: str, *, bound: str) -> None:
+        super().__init__(message)
+        self.bound = bound
 
 
 class ChildFailed(DefenseCoreError):
@@ -372,7 +379,7 @@ def _raise_error(event: Mapping[str, Any], child: _Child) -> None:
         operator = event.get("operator")
         raise ChildInputError(message, code=code, operator=operator if isinstance(operator, str) else None)
     if kind == "resource":
-        raise ResourceLimitError(f"{message} (memory bound {child_limits(child)})")
+        raise ResourceLimitError(f"{message} (memory bound {child_limits(child)})", bound="memory")
     detail = f"{event.get('class', 'error')}: {message}" if message else str(event.get("class", "error"))
     where = event.get("where")
     raise ChildFailed(f"the contained run failed: {detail}" + (f" at {where}" if where else ""))
@@ -381,9 +388,9 @@ def _raise_error(event: Mapping[str, Any], child: _Child) -> None:
 def _raise_if_out_of_bounds(child: _Child) -> None:
     """A child the kernel stopped for passing its CPU or file-size bound."""
     if child.proc.returncode == -signal.SIGXCPU:
-        raise ResourceLimitError("the model's work used up its CPU-time bound and was stopped")
+        raise ResourceLimitError("the model's work used up its CPU-time bound and was stopped", bound="cpu")
     if child.proc.returncode == -signal.SIGXFSZ:
-        raise ResourceLimitError("the model's work wrote a file larger than its bound and was stopped")
+        raise ResourceLimitError("the model's work wrote a file larger than its bound and was stopped", bound="file")
 
 
 def child_limits(child: _Child) -> str:
@@ -455,10 +462,12 @@ def run_contained(
             peak = max(peak, rss, hwm)
             if rss > limits.memory_bytes:
                 raise ResourceLimitError(
-                    f"the model used more than {limits.memory_bytes / GIB:.1f} GiB of memory and was stopped")
+                    f"the model used more than {limits.memory_bytes / GIB:.1f} GiB of memory and was stopped",
+                    bound="memory")
             if time.monotonic() > deadline:
                 raise ResourceLimitError(
-                    f"the model's work did not finish within {limits.wall_seconds:g} s and was stopped")
+                    f"the model's work did not finish within {limits.wall_seconds:g} s and was stopped",
+                    bound="time")
             if child.proc.poll() is not None and child.proc.returncode < 0 and child.events.empty():
                 _raise_if_out_of_bounds(child)
                 raise ChildFailed(f"the contained child was {child.describe_exit()}")
