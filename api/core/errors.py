@@ -85,3 +85,17 @@ class ServiceUnavailable(DomainError):
     status = 503
     type = "service-unavailable"
     title = "Service unavailable"
+
+
+class OutOfResources(ServiceUnavailable):
+    """The server ran short of memory or file handles while handling the request.
+
+    Not the client's fault and not lasting: the same request can succeed later,
+    so it is a retryable 503 (``retry_after_s`` in the problem), never a 4xx.
+    """
+
+    title = "Temporarily out of resources"
+    retry_after_s: ClassVar[int] = 30
+
+    def __init__(self, detail: str | None = None, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail, extra={"retry_after_s": self.retry_after_s, **(extra or {})})
