@@ -87,9 +87,19 @@ def _auth_headers(status: int) -> dict[str, str] | None:
     return {"WWW-Authenticate": "Bearer"} if status == 401 else None
 
 
+def _domain_headers(status: int, problem: dict[str, object]) -> dict[str, str] | None:
+    """``WWW-Authenticate`` on a 401; ``Retry-After`` when the problem says when to retry."""
+    headers = dict(_auth_headers(status) or {})
+    retry = problem.get("retry_after_s")
+    if isinstance(retry, int) and not isinstance(retry, bool) and retry > 0:
+        headers["Retry-After"] = str(retry)
+    return headers or None
+
+
 async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     problem = exc.to_problem()
+    headers = _domain_headers(exc.status, problem)
     return problem_response(
         status=exc.status,
         slug=str(problem.pop("type")),
@@ -97,7 +107,7 @@ async def domain_error_handler(request: Request, exc: Exception) -> JSONResponse
         detail=str(problem.pop("detail")),
         instance=_instance(request),
         extra={k: v for k, v in problem.items() if k != "status"},
-        headers=_auth_headers(exc.status),
+        headers=headers,
     )
 
 

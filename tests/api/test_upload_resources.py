@@ -212,6 +212,7 @@ def test_memory_running_out_while_reading_is_a_retryable_503_and_the_api_recover
         problem = response.json()
         assert problem["type"] == PROBLEM + "service-unavailable"
         assert problem["short_of"] == "memory" and problem["retry_after_s"] > 0
+        assert response.headers["retry-after"] == str(problem["retry_after_s"])
         assert "nothing is wrong with the upload" in problem["detail"]
         # Retried once memory is back, the same upload is accepted; the process is fine.
         assert upload(big).status_code == 201
