@@ -58,3 +58,21 @@ class TrainingDivergedError(InputError):
 
 class Cancelled(DefenseCoreError):
     """Raised between steps when the caller's cancellation hook answers True."""
+
+
+class ForbiddenOperatorError(UnsafeModelError):
+    """A model that carries code uses an operator the policy refuses
+    (:mod:`defense_core.opcheck`); ``operator`` names it, e.g. ``"aten::from_file"``."""
+
+    code = "forbidden-operator"
+
+    def __init__(self, operator: str, reason: str = "", where: str = "") -> None:
+        self.operator = operator
+        self.reason = reason
+        self.where = where
+        place = f" (in {where})" if where else ""
+        because = f": {reason}" if reason else ""
+        super().__init__(f"the model uses the operator {operator}{place}, which is not allowed{because}")
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.operator, self.reason, self.where))
