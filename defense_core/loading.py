@@ -1,4 +1,4 @@
-"""Safe model loading: safetensors, ``weights_only`` state dicts, TorchScript.
+"""Safe model loading: safetensors, ``weights_only`` state dicts, exported programs, TorchScript.
 
 Model files come from strangers. Nothing here ever runs a general unpickler:
 
@@ -9,8 +9,27 @@ Model files come from strangers. Nothing here ever runs a general unpickler:
   containers and refuses every other class. A dict that keeps the weights
   under ``"state_dict"`` or ``"model"`` is unwrapped, and a DataParallel
   ``module.`` prefix stripped.
-* **TorchScript**: loaded with ``torch.jit.load`` only when the spec says
-  ``arch == "torchscript"`` (the archive carries its own architecture).
+* **torch.export** (``.pt2`` from ``torch.export.save``), for custom
+  architectures, only when the spec says ``arch == "torch_export"``. Not
+  through ``torch.export.load``, which in torch 2.14 unpickles payloads marked
+  ``use_pickle`` (``weights_only=False``), custom and opaque objects, and the
+  sample inputs (``weights_only=True`` with a fallback to ``False`` when that
+  fails); hands every symbolic shape string to ``sympy.sympify`` (``eval``);
+  imports the modules a pytree spec names; and ``ep.module()`` compiles the
+  archive's ``guards_code`` strings into Python that runs on every call.
+  Here the archive's members are checked against the layout torch writes,
+  the weights and constants are rebuilt from their raw bytes (a payload that
+  would need pickle is refused), the program JSON is checked by
+  :func:`~defense_core.opcheck.scan_serialized_program` and stripped of guard
+  code and node metadata that names Python objects, and only then handed to
+  torch's deserializer, without sample inputs. The loaded program is checked
+  again (:func:`~defense_core.opcheck.check_exported_program`) and turned into
+  a trainable module (:func:`module_from_exported_program`).
+* **TorchScript** (deprecated): only when ``arch == "torchscript"``; the
+  archive's code is scanned before it is loaded
+  (:func:`~defense_core.opcheck.scan_torchscript_archive`; ``torch.jit.load``
+  runs ``__setstate__``) and every compiled function is checked after
+  (:func:`~defense_core.opcheck.check_scripted_module`).
 
 The format is sniffed from the bytes, never from the file name. Anything
 else (a plain pickle, a whole pickled ``nn.Module``) raises
@@ -24,6 +43,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import struct
 import tempfile
 import warnings
@@ -37,9 +57,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from defense_core import opcheck
 from defense_core.errors import InputError, ModelLoadError, TooLargeError, UnsafeModelError
 from defense_core.registry import create_model
-from defense_core.spec import ModelSpec
+from defense_core.spec import TORCH_EXPORT_ARCH, TORCHSCRIPT_ARCH, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +70,15 @@ MAX_TENSORS = 100_000
 MAX_ZIP_MEMBERS = 200_000
 MAX_REPORTED_NAMES = 5
 
+MAX_PROGRAM_JSON_BYTES = 256 * 1024**2
+INSPECT_SEED = 0
+INSPECT_BATCH = 2  # the random probe: more than one image, so a fixed batch size is caught
+
 SAFETENSORS = "safetensors"
 STATE_DICT = "state_dict"
-TORCHSCRIPT = "torchscript"
+TORCHSCRIPT = TORCHSCRIPT_ARCH
+TORCH_EXPORT = TORCH_EXPORT_ARCH
+_CODE_FORMATS = (TORCHSCRIPT, TORCH_EXPORT)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6, non-zip) torch.save files open with this pickled magic number.
@@ -81,7 +108,8 @@ class ModelFileInfo:
 
 
 def sniff_model_format(path: str | os.PathLike[str]) -> str:
-    """Return ``"safetensors"``, ``"state_dict"`` or ``"torchscript"`` from the bytes.
+    """Return ``"safetensors"``, ``"state_dict"``, ``"torch_export"`` or
+    ``"torchscript"`` from the bytes.
 
     Raises :class:`UnsafeModelError` for pickles and unknown formats.
     """
@@ -100,8 +128,8 @@ def sniff_model_format(path: str | os.PathLike[str]) -> str:
     if head[:1] == b"\x80" or head[:1] in (b"(", b"]", b"}"):
         raise UnsafeModelError(f"the model file is a raw Python pickle, which {_UNSAFE_HINT}")
     raise UnsafeModelError(
-        "not a recognized model format (expected safetensors, a torch.save state dict or a "
-        f"TorchScript archive); anything else {_UNSAFE_HINT}"
+        "not a recognized model format (expected safetensors, a torch.save state dict, a "
+        f"torch.export archive or a TorchScript archive); anything else {_UNSAFE_HINT}"
     )
 
 
@@ -113,14 +141,16 @@ def _sniff_zip(path: Path) -> str:
         raise ModelLoadError(f"the model file looks like a zip archive but cannot be read: {exc}") from exc
     if len(names) > MAX_ZIP_MEMBERS:
         raise ModelLoadError(f"the model archive has {len(names)} members (limit {MAX_ZIP_MEMBERS})")
-    # Both formats put everything under one top folder: "<name>/data.pkl", ...
+    # All three put everything under one top folder: "<name>/data.pkl", ...
     inner = {n.split("/", 1)[1] for n in names if "/" in n}
+    if "archive_format" in inner and any(n.startswith("models/") for n in inner):
+        return TORCH_EXPORT
     if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
         return TORCHSCRIPT
     if "data.pkl" in inner:
         return STATE_DICT
     raise UnsafeModelError(
-        "the zip archive is neither a torch.save file nor a TorchScript archive; "
+        "the zip archive is neither a torch.save file nor a torch.export or TorchScript archive; "
         f"models in other formats {_UNSAFE_HINT}"
     )
 
@@ -133,16 +163,15 @@ def read_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Read a state dict (safetensors or ``torch.save``) without unpickling objects.
 
-    Values are CPU tensors (floating or integer). TorchScript archives are
-    refused here: they are loaded whole by :func:`load_model`.
+    Values are CPU tensors (floating or integer). Archives that carry code
+    (torch.export, TorchScript) are refused here: they are loaded whole by
+    :func:`load_model`.
     """
     path = Path(path)
     _check_size(path, max_bytes)
     fmt = sniff_model_format(path)
-    if fmt == TORCHSCRIPT:
-        raise ModelLoadError(
-            "the file is a TorchScript archive; declare spec.arch \"torchscript\" to use it"
-        )
+    if fmt in _CODE_FORMATS:
+        raise _declare_arch_error(fmt)
     if fmt == SAFETENSORS:
         state = _read_safetensors(path)
     else:
@@ -254,23 +283,26 @@ def load_model(
 ) -> nn.Module:
     """Build ``spec.arch`` and load the file's weights into it (eval mode).
 
-    ``spec.arch == "torchscript"`` loads a TorchScript archive as the model.
-    Key or shape mismatches raise :class:`ModelLoadError` naming the tensors.
+    ``spec.arch == "torch_export"`` loads a ``torch.export`` archive and
+    ``"torchscript"`` a TorchScript archive as the model, both behind the
+    operator checks of :mod:`defense_core.opcheck`. Key or shape mismatches
+    raise :class:`ModelLoadError` naming the tensors.
     """
     path = Path(path)
     _check_size(path, max_bytes)
     fmt = sniff_model_format(path)
-    if spec.arch == TORCHSCRIPT:
-        if fmt != TORCHSCRIPT:
+    if spec.arch in _CODE_FORMATS:
+        if fmt != spec.arch:
             raise ModelLoadError(
-                f"spec.arch is \"torchscript\" but the file is a {fmt} file; "
-                "give the registry architecture name instead"
+                f"spec.arch is \"{spec.arch}\" but the file is a {fmt} file; "
+                + ("give the registry architecture name instead" if fmt not in _CODE_FORMATS
+                   else f"declare spec.arch \"{fmt}\" for it")
             )
+        if fmt == TORCH_EXPORT:
+            return _load_exported(path, map_location, max_bytes=max_bytes)
         return _load_torchscript(path, map_location)
-    if fmt == TORCHSCRIPT:
-        raise ModelLoadError(
-            "the file is a TorchScript archive; declare spec.arch \"torchscript\" to use it"
-        )
+    if fmt in _CODE_FORMATS:
+        raise _declare_arch_error(fmt)
     state = read_state_dict(path, max_bytes=max_bytes)
     model = create_model(spec)
     _check_matches(model, state, spec.arch)
@@ -278,17 +310,412 @@ def load_model(
     return model.to(map_location).eval()
 
 
+def _declare_arch_error(fmt: str) -> ModelLoadError:
+    kind = "a torch.export" if fmt == TORCH_EXPORT else "a TorchScript"
+    return ModelLoadError(f"the file is {kind} archive; declare spec.arch \"{fmt}\" to use it")
+
+
 def _load_torchscript(path: Path, map_location: str | torch.device) -> nn.Module:
+    # Static scan first: loading runs the archive's __setstate__ methods.
+    opcheck.scan_torchscript_archive(path)
     try:
         with warnings.catch_warnings():
-            # TorchScript is deprecated upstream but is the one format that carries its own code.
+            # TorchScript is deprecated upstream; torch.export archives are the format to prefer.
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location=map_location)
+            # What torch.jit.load does, keeping the compilation unit so that every
+            # function in it (class methods included) can be checked.
+            unit = torch._C.CompilationUnit()
+            cpp_module = torch._C.import_ir_module(unit, str(path), torch.device(map_location), {}, False)
+            module = torch.jit._recursive.wrap_cpp_module(cpp_module)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the TorchScript archive: {exc}") from exc
     if not isinstance(module, nn.Module):
         raise ModelLoadError("the TorchScript archive does not hold a module")
+    opcheck.check_scripted_module(module, compilation_unit=unit)
     return module.eval()
+
+
+# --------------------------------------------------------------------------- torch.export
+
+_PT2_MODEL = "model"  # the one program torch.export.save writes
+_PT2_META = {"archive_format": "pt2", "archive_version": "0", "byteorder": "little"}
+_PT2_WEIGHTS_CONFIG = f"data/weights/{_PT2_MODEL}_weights_config.json"
+_PT2_CONSTANTS_CONFIG = f"data/constants/{_PT2_MODEL}_constants_config.json"
+_PT2_PROGRAM = f"models/{_PT2_MODEL}.json"
+_PT2_PAYLOAD = {"data/weights/": re.compile(r"weight_\d+\Z"), "data/constants/": re.compile(r"tensor_\d+\Z")}
+_PT2_STRIDED = 7  # torch._export.serde.schema.Layout.Strided
+_PT2_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool,
+                         *_INT_DTYPES})
+_NODE_METADATA_KEPT = ("stack_trace", "nn_module_stack")
+
+
+def _load_exported(path: Path, map_location: str | torch.device, *, max_bytes: int) -> nn.Module:
+    document, state_dict, constants = _read_export_archive(path, max_bytes=max_bytes)
+    opcheck.scan_serialized_program(document)
+    _strip_program_(document)
+    try:
+        from torch._export.serde import schema as export_schema
+        from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+
+        serialized = _dict_to_dataclass(export_schema.ExportedProgram, document)
+        # Dicts (not bytes) for the state and constants, so nothing is unpickled;
+        # no sample inputs.
+        ep = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load the exported program: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
+    opcheck.check_exported_program(ep)
+    return module_from_exported_program(ep).to(map_location).eval()
+
+
+def _read_export_archive(
+    path: Path, *, max_bytes: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The program JSON, state dict and tensor constants of a ``.pt2``, read
+    without unpickling anything; members outside torch.export's layout are refused."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = dict((inner, info) for info, inner in opcheck.archive_members(zf))
+            declared = sum(info.file_size for info in members.values())
+            if declared > max_bytes:
+                raise TooLargeError(f"the model archive expands to {declared} bytes; the limit is {max_bytes}")
+            for inner in members:
+                _check_export_member(inner)
+            for inner, expected in _PT2_META.items():
+                if inner in members and _read(zf, members[inner], 64).decode("utf-8", "replace").strip() != expected:
+                    raise UnsafeModelError(f"the archive's {inner} is not {expected!r}")
+            for required in ("archive_format", _PT2_PROGRAM, _PT2_WEIGHTS_CONFIG, _PT2_CONSTANTS_CONFIG):
+                if required not in members:
+                    raise ModelLoadError(f"the torch.export archive has no {required}")
+            document = _read_json(zf, members[_PT2_PROGRAM], MAX_PROGRAM_JSON_BYTES)
+            state = _read_payloads(zf, members, _PT2_WEIGHTS_CONFIG, "data/weights/")
+            constants = _read_payloads(zf, members, _PT2_CONSTANTS_CONFIG, "data/constants/")
+    except zipfile.BadZipFile as exc:
+        raise ModelLoadError(f"the torch.export archive cannot be read: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ModelLoadError("the exported program's JSON is not an object")
+    return document, state, constants
+
+
+def _check_export_member(inner: str) -> None:
+    if inner in _PT2_META or inner in (".data/version", ".data/serialization_id"):
+        return
+    if inner in (_PT2_PROGRAM, _PT2_WEIGHTS_CONFIG, _PT2_CONSTANTS_CONFIG):
+        return
+    if inner == f"data/sample_inputs/{_PT2_MODEL}.pt" or inner.startswith("extra/"):
+        return  # never read: the sample inputs are a pickle
+    for folder, pattern in _PT2_PAYLOAD.items():
+        if inner.startswith(folder) and pattern.match(inner[len(folder):]):
+            return
+    if inner.startswith("data/aotinductor/"):
+        raise UnsafeModelError("the archive carries AOTInductor code (compiled native libraries)")
+    raise UnsafeModelError(
+        f"the torch.export archive holds an unexpected member {inner!r} (pickled objects, other "
+        "programs and compiled code are not accepted); save it with torch.export.save"
+    )
+
+
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    if info.file_size > limit:
+        raise TooLargeError(f"{info.filename} is {info.file_size} bytes (limit {limit})")
+    with zf.open(info) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise TooLargeError(f"{info.filename} expands beyond {limit} bytes")
+    return data
+
+
+def _read_json(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> Any:
+    try:
+        return json.loads(_read(zf, info, limit))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{info.filename} is not valid JSON: {exc}") from exc
+
+
+def _read_payloads(
+    zf: zipfile.ZipFile, members: Mapping[str, zipfile.ZipInfo], config_name: str, folder: str
+) -> dict[str, torch.Tensor]:
+    config = _read_json(zf, members[config_name], MAX_SAFETENSORS_HEADER_BYTES)
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise ModelLoadError(f"{config_name} is malformed")
+    if len(entries) > MAX_TENSORS:
+        raise ModelLoadError(f"the archive holds {len(entries)} tensors (limit {MAX_TENSORS})")
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    flat: dict[str, torch.Tensor] = {}   # one storage per payload file, so aliases stay aliases
+    out: dict[str, torch.Tensor] = {}
+    for fqn, entry in entries.items():
+        if not isinstance(entry, dict) or not isinstance(fqn, str):
+            raise ModelLoadError(f"{config_name} is malformed")
+        if entry.get("use_pickle"):
+            raise UnsafeModelError(f"{fqn!r} is stored as a pickle, which {_UNSAFE_HINT}")
+        name, meta = entry.get("path_name"), entry.get("tensor_meta")
+        if not isinstance(name, str) or not _PT2_PAYLOAD[folder].match(name) or f"{folder}{name}" not in members:
+            raise UnsafeModelError(f"{fqn!r} is not a tensor payload of the archive ({name!r})")
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{fqn!r} has no tensor metadata")
+        dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype"))
+        if dtype not in _PT2_DTYPES or meta.get("layout") != _PT2_STRIDED:
+            raise ModelLoadError(f"{fqn!r} is not a dense tensor of a supported dtype")
+        sizes, strides = _ints(meta.get("sizes"), fqn), _ints(meta.get("strides"), fqn)
+        offset = _ints([meta.get("storage_offset")], fqn)[0]
+        if name not in flat:
+            raw = _read(zf, members[f"{folder}{name}"], DEFAULT_MAX_MODEL_BYTES)
+            item = torch.empty((), dtype=dtype).element_size()
+            if len(raw) % item:
+                raise ModelLoadError(f"{folder}{name} is not a whole number of {dtype} values")
+            flat[name] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        storage = flat[name]
+        if storage.dtype != dtype or len(sizes) != len(strides) or offset < 0 or min(strides, default=0) < 0:
+            raise ModelLoadError(f"{fqn!r} does not fit its payload")
+        if all(sizes) and offset + sum((n - 1) * st for n, st in zip(sizes, strides)) >= storage.numel():
+            raise ModelLoadError(f"{fqn!r} does not fit its payload")
+        tensor = torch.as_strided(storage, sizes, strides, offset)
+        if entry.get("is_param"):
+            tensor = nn.Parameter(tensor, requires_grad=bool(meta.get("requires_grad")))
+        out[fqn] = tensor
+    return out
+
+
+def _ints(values: Any, fqn: str) -> list[int]:
+    if not isinstance(values, list) or not all(
+        isinstance(v, dict) and set(v) == {"as_int"} and type(v["as_int"]) is int and v["as_int"] >= 0
+        for v in values
+    ):
+        raise ModelLoadError(f"{fqn!r} has symbolic or malformed sizes")
+    return [v["as_int"] for v in values]
+
+
+def _strip_program_(document: dict[str, Any]) -> None:
+    """Drop what the deserializer would turn into code or object lookups and
+    the module does not need: guard code, and node metadata other than traces."""
+    document["guards_code"] = []
+    stack: list[Any] = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "target" in value and "inputs" in value and isinstance(value.get("metadata"), dict):
+                value["metadata"] = {k: v for k, v in value["metadata"].items() if k in _NODE_METADATA_KEPT}
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+# ------------------------------------------------------------------ an exported program as a module
+
+_aten = torch.ops.aten
+_CONV2D_OPS = (_aten.conv2d.default, _aten.conv2d.padding)
+_DROPOUT_OPS = tuple(
+    getattr(_aten, name).default
+    for base in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+    for name in (base, f"{base}_")  # nn.Dropout(inplace=True) records the in-place op
+)
+# Graphs after run_decompositions() freeze BatchNorm/dropout in one mode; not supported.
+_FIXED_MODE_OPS = frozenset(
+    getattr(getattr(_aten, name), overload)
+    for name, overload in (
+        ("_native_batch_norm_legit_no_training", "default"), ("_native_batch_norm_legit_functional", "default"),
+        ("_native_batch_norm_legit", "default"), ("_native_batch_norm_legit", "no_stats"),
+        ("native_batch_norm", "default"), ("_batch_norm_with_update", "default"),
+        ("_batch_norm_with_update_functional", "default"), ("_batch_norm_no_update", "default"),
+        ("native_dropout", "default"),
+    )
+    if hasattr(_aten, name) and hasattr(getattr(_aten, name), overload)
+)
+_BATCHNORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+class ExportedDropout(nn.Module):
+    """A dropout node of an exported graph that follows ``train()``/``eval()``."""
+
+    def __init__(self, op: Any, p: float) -> None:
+        super().__init__()
+        self.op = op
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.op}, p={self.p}"
+
+
+def module_from_exported_program(ep: torch.export.ExportedProgram) -> nn.Module:
+    """A trainable module from a (checked) exported program.
+
+    ``ep.module()`` gives a ``GraphModule`` whose ``train()``/``eval()`` raise
+    and whose layers are frozen in the mode the model was exported in (export
+    records ``aten.batch_norm(..., training=<bool>, ...)``, ``aten.dropout(...,
+    train=<bool>)``). Here those methods are restored, and each
+    ``aten.conv2d``, ``aten.batch_norm`` with running statistics and dropout
+    node is turned back into an ``nn.Conv2d``, ``nn.BatchNorm{1,2,3}d`` or
+    :class:`ExportedDropout` that holds the same parameters and buffers (so
+    the state-dict keys stay those of the original model): the mode then
+    follows ``train()``/``eval()``, BatchNorm updates its statistics when
+    training, and the defense finds the convolutions and BatchNorm layers.
+
+    Refused (:class:`ModelLoadError`): BatchNorm or dropout in a form whose mode
+    cannot be switched (graphs after ``run_decompositions()``, or a BatchNorm
+    whose tensors are not one layer's). Not switched: other mode-dependent
+    operators (``rrelu``, ``instance_norm`` with running statistics) keep the
+    mode they were exported in. A BatchNorm with ``momentum=None`` exported in
+    eval mode is recorded with momentum 0 and keeps its statistics.
+    """
+    try:
+        gm = ep.module(check_guards=False)  # no guard code: it would be compiled from the archive
+    except Exception as exc:
+        raise ModelLoadError(f"cannot build a module from the exported program: {exc}") from exc
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)  # ep.module() replaces both with methods that raise
+    graph = gm.graph
+    dropouts = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _CONV2D_OPS:
+            _conv_to_module_(gm, node)
+        elif node.target is _aten.batch_norm.default:
+            _batchnorm_to_module_(gm, node)
+        elif node.target in _DROPOUT_OPS:
+            args = _normalized(gm, node)
+            if args is not None and isinstance(args.get("p"), (int, float)):
+                while hasattr(gm, f"dropout_{dropouts}"):
+                    dropouts += 1
+                gm.add_submodule(f"dropout_{dropouts}", ExportedDropout(node.target, float(args["p"])))
+                _call_module_instead(gm, node, f"dropout_{dropouts}", args["input"])
+    frozen = sorted({
+        str(n.target) for n in graph.nodes if n.op == "call_function" and (
+            n.target in _FIXED_MODE_OPS or n.target in _DROPOUT_OPS
+            or (n.target is _aten.batch_norm.default and _normalized_arg(gm, n, "running_mean") is not None)
+        )
+    })
+    if frozen:
+        raise ModelLoadError(
+            f"the exported program has {', '.join(frozen)} in a form whose train/eval mode cannot be "
+            "switched; export the model with torch.export.export and save it without run_decompositions()"
+        )
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _normalized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any] | None:
+    pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    return dict(pair.kwargs) if pair is not None else None
+
+
+def _normalized_arg(gm: torch.fx.GraphModule, node: torch.fx.Node, name: str) -> Any:
+    args = _normalized(gm, node)
+    return None if args is None else args.get(name)
+
+
+def _attr_of(value: Any, leaf: str) -> str | None:
+    """The layer path of a ``get_attr`` of ``<layer>.<leaf>``, else None."""
+    if not isinstance(value, torch.fx.Node) or value.op != "get_attr" or not isinstance(value.target, str):
+        return None
+    prefix, _, last = value.target.rpartition(".")
+    return prefix if prefix and last == leaf else None
+
+
+def _plain_container(gm: torch.fx.GraphModule, prefix: str, names: set[str]) -> bool:
+    """``prefix`` is a bare module from ``ep.module()`` holding exactly ``names``."""
+    try:
+        module = gm.get_submodule(prefix)
+    except AttributeError:
+        return False
+    held = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+    return type(module) is nn.Module and not list(module.children()) and held == names
+
+
+def _replace_layer(gm: torch.fx.GraphModule, prefix: str, layer: nn.Module) -> None:
+    parent, _, leaf = prefix.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, layer)
+
+
+def _call_module_instead(gm: torch.fx.GraphModule, node: torch.fx.Node, target: str, input_node: Any) -> None:
+    with gm.graph.inserting_before(node):
+        replacement = gm.graph.call_module(target, (input_node,))
+    replacement.meta = dict(node.meta)
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def _conv_to_module_(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    args = _normalized(gm, node)
+    if args is None:
+        return
+    prefix, bias = _attr_of(args.get("weight"), "weight"), args.get("bias")
+    if prefix is None or (bias is not None and _attr_of(bias, "bias") != prefix):
+        return
+    config = {"stride": tuple(args["stride"]), "padding": args["padding"] if isinstance(args["padding"], str)
+              else tuple(args["padding"]), "dilation": tuple(args["dilation"]), "groups": int(args["groups"])}
+    existing = gm.get_submodule(prefix)
+    if isinstance(existing, nn.Conv2d):  # the same layer called again
+        if any(getattr(existing, k) != v for k, v in config.items()):
+            return
+    elif _plain_container(gm, prefix, {"weight"} | ({"bias"} if bias is not None else set())):
+        weight = gm.get_parameter(f"{prefix}.weight") if "weight" in dict(existing.named_parameters()) else None
+        if weight is None or weight.ndim != 4:
+            return
+        layer = nn.Conv2d(weight.shape[1] * config["groups"], weight.shape[0], tuple(weight.shape[2:]),
+                          bias=bias is not None, device="meta", **config)
+        layer.weight = weight
+        if bias is not None:
+            layer.bias = gm.get_parameter(f"{prefix}.bias")
+        _replace_layer(gm, prefix, layer)
+    else:
+        return
+    _call_module_instead(gm, node, prefix, args["input"])
+
+
+def _batchnorm_to_module_(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    args = _normalized(gm, node)
+    if args is None:
+        return
+    prefix = _attr_of(args.get("running_mean"), "running_mean")
+    weight, bias = args.get("weight"), args.get("bias")
+    affine = weight is not None
+    if (prefix is None or _attr_of(args.get("running_var"), "running_var") != prefix
+            or (affine != (bias is not None))
+            or (affine and (_attr_of(weight, "weight") != prefix or _attr_of(bias, "bias") != prefix))
+            or not isinstance(args.get("momentum"), float) or not isinstance(args.get("eps"), float)):
+        return
+    val = args["input"].meta.get("val") if isinstance(args["input"], torch.fx.Node) else None
+    cls = _BATCHNORM_BY_RANK.get(val.dim()) if isinstance(val, torch.Tensor) else None
+    if cls is None:
+        return
+    existing = gm.get_submodule(prefix)
+    if isinstance(existing, nn.modules.batchnorm._BatchNorm):  # the same layer called again
+        if (type(existing) is not cls or existing.eps != args["eps"] or existing.momentum != args["momentum"]
+                or existing.affine != affine):
+            return
+    else:
+        names = {"running_mean", "running_var"} | ({"weight", "bias"} if affine else set())
+        counter = "num_batches_tracked" in dict(existing.named_buffers(recurse=False))
+        if not _plain_container(gm, prefix, names | ({"num_batches_tracked"} if counter else set())):
+            return
+        running_mean = gm.get_buffer(f"{prefix}.running_mean")
+        layer = cls(running_mean.shape[0], eps=args["eps"], momentum=args["momentum"], affine=affine,
+                    track_running_stats=True, device="meta")
+        if affine:
+            layer.weight = gm.get_parameter(f"{prefix}.weight")
+            layer.bias = gm.get_parameter(f"{prefix}.bias")
+        layer.running_mean = running_mean
+        layer.running_var = gm.get_buffer(f"{prefix}.running_var")
+        layer.num_batches_tracked = gm.get_buffer(f"{prefix}.num_batches_tracked") if counter else None
+        _replace_layer(gm, prefix, layer)
+        # A model exported in train mode counts batches in the graph; the layer does that now.
+        for counted in list(gm.graph.nodes):
+            if counted.op == "get_attr" and counted.target == f"{prefix}.num_batches_tracked":
+                for user in list(counted.users):
+                    if user.target is _aten.add_.Tensor and not user.users and user.args[0] is counted:
+                        gm.graph.erase_node(user)
+    _call_module_instead(gm, node, prefix, args["input"])
 
 
 def _check_matches(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
@@ -333,21 +760,12 @@ def _check_matches(model: nn.Module, state: Mapping[str, torch.Tensor], arch: st
 def inspect_model_file(
     path: str | os.PathLike[str], spec: ModelSpec, *, max_bytes: int = DEFAULT_MAX_MODEL_BYTES
 ) -> ModelFileInfo:
-    """Load the model and check it maps one ``[1, C, H, W]`` input to ``[1, num_classes]``."""
+    """Load the model and check what it maps inputs to: all zeros ``[1, C, H, W]``,
+    then ``INSPECT_BATCH`` seeded random images (uniform in [0, 1], normalized
+    with the spec's mean/std), each to ``[N, num_classes]``."""
     model = load_model(path, spec, max_bytes=max_bytes)
-    x = torch.zeros(1, spec.in_channels, *spec.input_size)
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"the model fails on a {list(x.shape)} input: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelLoadError(
-            f"the model maps a {list(x.shape)} input to {shape}; expected [1, {spec.num_classes}]"
-        )
+    for x in probe_inputs(spec):
+        _check_output(model, x, spec)
     state = model.state_dict()
     return ModelFileInfo(
         format=sniff_model_format(path),
@@ -355,6 +773,31 @@ def inspect_model_file(
         num_tensors=len(state),
         num_parameters=sum(p.numel() for p in model.parameters()),
     )
+
+
+def probe_inputs(spec: ModelSpec) -> list[torch.Tensor]:
+    """The inputs :func:`inspect_model_file` runs: zeros, then normalized random images."""
+    generator = torch.Generator().manual_seed(INSPECT_SEED)
+    images = torch.rand(INSPECT_BATCH, spec.in_channels, *spec.input_size, generator=generator)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return [torch.zeros(1, spec.in_channels, *spec.input_size), (images - mean) / std]
+
+
+def _check_output(model: nn.Module, x: torch.Tensor, spec: ModelSpec) -> None:
+    expected = [x.shape[0], spec.num_classes]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        batch_fixed = spec.arch == TORCH_EXPORT and "shape[0]" in str(exc)
+        hint = " (export the model with a dynamic batch dimension)" if batch_fixed else ""
+        raise ModelLoadError(
+            f"the model fails on a {list(x.shape)} input{hint}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelLoadError(f"the model maps a {list(x.shape)} input to {shape}; expected {expected}")
 
 
 # --------------------------------------------------------------------------- saving

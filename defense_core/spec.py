@@ -11,13 +11,20 @@ from defense_core.errors import InputError
 MAX_CLASSES = 100_000
 MAX_INPUT_SIDE = 1024
 
+# ``arch`` values for files that carry their own architecture (and code).
+TORCH_EXPORT_ARCH = "torch_export"   # a torch.export.save archive (.pt2): the format for custom architectures
+TORCHSCRIPT_ARCH = "torchscript"     # a TorchScript archive: deprecated, still accepted
+CODE_ARCHS = frozenset({TORCH_EXPORT_ARCH, TORCHSCRIPT_ARCH})
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     """``{"arch", "num_classes", "in_channels", "input_size", "mean", "std"}``.
 
     ``arch`` is a registry name (``preact_resnet18``, ``small_cnn``, ...) or
-    ``"torchscript"`` for an archive that carries its own architecture.
+    one of ``CODE_ARCHS`` for a file that carries its own architecture:
+    ``"torch_export"`` (a ``torch.export.save`` archive) or ``"torchscript"``
+    (deprecated).
     ``mean``/``std`` are per channel, in [0, 1] units (images are scaled to
     [0, 1] before normalization).
     """
@@ -71,6 +78,11 @@ class ModelSpec:
             )
         except TypeError as exc:
             raise InputError(f"malformed model spec: {exc}") from exc
+
+    @property
+    def carries_code(self) -> bool:
+        """The model file holds the architecture as code (checked by :mod:`defense_core.opcheck`)."""
+        return self.arch in CODE_ARCHS
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

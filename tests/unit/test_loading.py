@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -278,3 +279,147 @@ def test_state_dict_declared_as_torchscript_is_refused(tmp_path: Path, model: to
     ts_spec = ModelSpec(arch="torchscript", num_classes=3, in_channels=1, input_size=(16, 16))
     with pytest.raises(ModelLoadError, match="give the registry architecture name"):
         load_model(path, ts_spec)
+
+
+# ------------------------------------------------------------------ torch.export
+
+EXPORT_SPEC = ModelSpec(arch="torch_export", num_classes=3, in_channels=1, input_size=(16, 16))
+
+
+def _exported(model: torch.nn.Module, path: Path, *, dynamic_batch: bool = True, decompose: bool = False) -> Path:
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    ep = torch.export.export(model, (torch.rand(2, 1, 16, 16),), dynamic_shapes=shapes)
+    torch.export.save(ep.run_decompositions() if decompose else ep, path)
+    return path
+
+
+def test_exported_model_loads_only_when_declared(tmp_path: Path, model: torch.nn.Module) -> None:
+    path = _exported(model, tmp_path / "m.bin")  # the name says nothing
+    assert sniff_model_format(path) == "torch_export"
+    with pytest.raises(ModelLoadError, match='declare spec.arch "torch_export"'):
+        load_model(path, SPEC)
+    with pytest.raises(ModelLoadError):
+        read_state_dict(path)
+    with pytest.raises(ModelLoadError, match='declare spec.arch "torch_export"'):
+        load_model(path, ModelSpec(arch="torchscript", num_classes=3, in_channels=1, input_size=(16, 16)))
+    loaded = load_model(path, EXPORT_SPEC)
+    torch.testing.assert_close(_outputs(loaded), _outputs(model), rtol=0, atol=0)
+    assert set(loaded.state_dict()) == set(model.state_dict())  # the original layer names
+    info = inspect_model_file(path, EXPORT_SPEC)
+    assert info.format == "torch_export" and info.num_parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("export_mode", ["eval", "train"])
+def test_exported_model_trains_and_evaluates_like_the_eager_one(tmp_path: Path, model: torch.nn.Module,
+                                                                 export_mode: str) -> None:
+    from defense_core.pipeline import copy_model
+    from defense_core.tsbd.aft import _tracked_batchnorms
+    from defense_core.tsbd.nwc import ranked_conv_layers
+
+    model.train(export_mode == "train")
+    path = _exported(model, tmp_path / "m.pt2")
+    model.eval()
+    loaded = load_model(path, EXPORT_SPEC)
+    assert not loaded.training
+    assert ranked_conv_layers(loaded) == ranked_conv_layers(model) == ["conv1", "conv2", "conv3"]
+    assert len(_tracked_batchnorms(loaded)) == 3
+    eager, exported = copy.deepcopy(model), copy_model(loaded)
+    assert all(p.is_leaf for p in exported.parameters())
+    x = torch.rand(6, 1, 16, 16)
+    for _ in range(2):  # train mode: batch statistics, running statistics and counters updated
+        eager.train(), exported.train()
+        torch.testing.assert_close(exported(x), eager(x))
+    torch.testing.assert_close(exported.state_dict(), eager.state_dict())
+    eager.eval(), exported.eval()
+    torch.testing.assert_close(exported(x), eager(x))
+    # the copy is independent of the loaded model
+    assert not torch.equal(loaded.state_dict()["bn1.running_mean"], exported.state_dict()["bn1.running_mean"])
+
+
+def test_exported_dropout_follows_the_mode(tmp_path: Path) -> None:
+    class WithDropout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.drop = torch.nn.Dropout(0.5, inplace=True)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.drop(self.conv(x).mean(dim=(2, 3))))
+
+    torch.manual_seed(0)
+    eager = WithDropout().eval()
+    loaded = load_model(_exported(eager, tmp_path / "d.pt2"), EXPORT_SPEC)
+    x = torch.rand(4, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), eager(x))
+    loaded.train(), eager.train()
+    torch.manual_seed(1)
+    dropped = loaded(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(dropped, eager(x))
+    assert not torch.allclose(dropped, loaded.eval()(x))
+
+
+def test_decomposed_export_with_batchnorm_is_refused(tmp_path: Path, model: torch.nn.Module) -> None:
+    path = _exported(model, tmp_path / "m.pt2", decompose=True)
+    with pytest.raises(ModelLoadError, match="mode cannot be switched"):
+        load_model(path, EXPORT_SPEC)
+
+
+def test_export_without_a_dynamic_batch_is_refused_by_inspection(tmp_path: Path, model: torch.nn.Module) -> None:
+    path = _exported(model, tmp_path / "m.pt2", dynamic_batch=False)
+    with pytest.raises(ModelLoadError, match=r"fails on a \[1, 1, 16, 16\] input \(export the model with a dynamic"):
+        inspect_model_file(path, EXPORT_SPEC)
+
+
+def test_inspection_runs_a_normalized_random_batch(tmp_path: Path) -> None:
+    from defense_core.loading import INSPECT_BATCH, probe_inputs
+
+    class IgnoresTheBatch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(1, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean().reshape(1, 1))  # [1, 3] whatever the batch
+
+    spec = ModelSpec(arch="torchscript", num_classes=3, in_channels=1, input_size=(16, 16), mean=(0.5,), std=(0.25,))
+    with pytest.raises(ModelLoadError, match=rf"maps a \[{INSPECT_BATCH}, 1, 16, 16\] input to \[1, 3\]"):
+        inspect_model_file(_scripted(IgnoresTheBatch(), tmp_path / "m.ts"), spec)
+    zeros, images = probe_inputs(spec)
+    assert zeros.shape == (1, 1, 16, 16) and not zeros.any()
+    assert images.shape[0] == INSPECT_BATCH > 1
+    assert images.min() >= -2.0 and images.max() <= 2.0 and images.std() > 0.5  # (u - 0.5) / 0.25
+    torch.testing.assert_close(probe_inputs(spec)[1], images, rtol=0, atol=0)  # seeded
+
+
+def test_exported_model_is_purified_like_the_eager_one_and_saves_as_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from defense_core.pipeline import PurifyConfig, purify
+    from tests.unit.tsbd_fixtures import SPEC as TINY_SPEC
+    from tests.unit.tsbd_fixtures import TinyNet, quadrant_set, trained_tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eager = trained_tiny().eval()
+        ep = torch.export.export(eager, (torch.rand(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(ep, tmp_path / "tiny.pt2")
+        spec = ModelSpec(arch="torch_export", num_classes=4, in_channels=1, input_size=(8, 8), mean=(0.5,), std=(0.25,))
+        exported = load_model(tmp_path / "tiny.pt2", spec)
+        original = {k: v.clone() for k, v in exported.state_dict().items()}
+        params = {"unlearn_lr": 0.01, "ft_epochs": 2, "ft_min_steps": 4, "batch_size": 64, "neuron_ratio": 0.2, "seed": 5}
+        clean = quadrant_set(128, seed=1)
+        expected = purify(copy.deepcopy(eager), TINY_SPEC, clean, config=PurifyConfig.from_params(params))
+        result = purify(exported, spec, clean, config=PurifyConfig.from_params(params))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.reinit == expected.reinit
+    assert [(n.layer, n.channel) for n in result.top_neurons] == [(n.layer, n.channel) for n in expected.top_neurons]
+    assert set(result.state_dict) == set(expected.state_dict)
+    for k, v in result.state_dict.items():
+        torch.testing.assert_close(v, expected.state_dict[k], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, original[k]) for k, v in exported.state_dict().items())  # input untouched
+    save_safetensors(result.state_dict, tmp_path / "purified.safetensors")
+    TinyNet().load_state_dict(load_file(str(tmp_path / "purified.safetensors")), strict=True)
