@@ -82,13 +82,15 @@ def parse_model_spec(raw: str | None) -> ModelSpec:
         spec = ModelSpec.from_dict(data)
     except InputError as exc:
         raise RejectedInput(str(exc), slug="invalid-spec") from None
-    if spec.arch != "torchscript":
+    if not spec.carries_code:  # torch_export / torchscript files hold their own architecture
         from defense_core.registry import available_models
 
         known = available_models()
         if spec.arch not in known:
             raise RejectedInput(
-                f"unknown architecture {spec.arch!r}; known: {', '.join(known)}, torchscript",
+                f"unknown architecture {spec.arch!r}; known: {', '.join(known)}, "
+                "or torch_export (a torch.export.save archive) / torchscript (deprecated) "
+                "for a custom architecture",
                 slug="unknown-architecture",
             )
     return spec
