@@ -28,8 +28,10 @@ MODEL_UPLOAD_BODY: dict[str, Any] = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "safetensors, a weights-only torch state dict, "
-                            "or a TorchScript archive (spec.arch = \"torchscript\")",
+                            "description": "safetensors or a weights-only torch state dict with a "
+                            "registry architecture; for a custom architecture a torch.export archive "
+                            "(.pt2, spec.arch = \"torch_export\") or, deprecated, a TorchScript "
+                            "archive (spec.arch = \"torchscript\")",
                         },
                         "spec": {
                             "type": "string",
@@ -54,7 +56,10 @@ MODEL_UPLOAD_BODY: dict[str, Any] = {
     summary="Upload a model",
     description="Streams the file to the server (size-bounded, sha256 computed on the way), "
     "checks it against the declared architecture without unpickling anything, then stores "
-    "it. A rejected upload leaves nothing behind.",
+    "it. The check loads the model and runs it on zeros and on a random batch in a contained "
+    "child process (no credentials, scratch-only filesystem, memory and time bounds); archives "
+    "that carry code are first checked against an operator allowlist (422 forbidden-operator "
+    "naming the operator). A rejected upload leaves nothing behind.",
     openapi_extra=MODEL_UPLOAD_BODY,
     responses=problem_responses(400, 401, 413, 415, 422),
 )

@@ -69,7 +69,28 @@ def _inspect_model(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -
     spec = ModelSpec.from_dict(args["spec"])
     path = _inside(scratch, args["model"])
     assert path is not None
+    if args.get("operator_check", True) is False:
+        return _run_unchecked_torchscript(path, spec)
     return inspect_model_file(path, spec, max_bytes=int(args["max_bytes"])).to_dict()
+
+
+def _run_unchecked_torchscript(path: Path, spec: Any) -> dict[str, Any]:
+    """Load a TorchScript archive WITHOUT the operator checks and run it once.
+
+    Only for the containment tests, which must show what the sandbox alone stops
+    when a hostile archive gets past the checks; nothing in the service sends
+    ``operator_check: false``.
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path))
+        out = module(torch.rand(1, spec.in_channels, *spec.input_size))
+    state = {k: v.tolist() for k, v in module.state_dict().items() if v.dtype == torch.uint8}
+    return {"shape": list(out.shape), "uint8_buffers": state}
 
 
 @register_task("purify")

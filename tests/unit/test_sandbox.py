@@ -134,3 +134,33 @@ def test_a_warm_spare_serves_one_request_only(tmp_path: Path) -> None:
         assert first.confinement and second.confinement
     finally:
         pool.close()
+
+
+@needs_landlock
+@pytest.mark.parametrize("name", ["forward-writes", "setstate-writes", "forward-reads"])
+def test_with_the_operator_check_bypassed_a_hostile_model_still_reaches_nothing(tmp_path: Path, name: str) -> None:
+    """The sandbox alone, as if a hostile archive had got past the operator checks."""
+    from defense_core.sandbox import ChildInputError
+    from tests.hostile_models import SPEC, FileReader, FileWriter, SetStateWriter, save
+
+    host_file = tmp_path / "host-file.bin"
+    host_file.write_bytes(b"TOPSECRET" + b"\0" * 55)
+    make = {"forward-writes": FileWriter, "setstate-writes": SetStateWriter, "forward-reads": FileReader}[name]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    save(make(str(host_file)), scratch / "model.bin")
+    args = {"model": "model.bin", "spec": SPEC, "max_bytes": 1 << 30}
+
+    with pytest.raises(ChildInputError) as checked:  # with the check: refused, the operator named
+        run_contained("inspect_model", args, scratch=scratch, limits=Limits(wall_seconds=60))
+    assert checked.value.code == "forbidden-operator" and checked.value.operator == "aten::from_file"
+
+    try:  # without it: the model runs, and the kernel stops what it tries
+        outcome = run_contained("inspect_model", {**args, "operator_check": False}, scratch=scratch,
+                                limits=Limits(wall_seconds=60))
+        leaked = str(outcome.result)
+    except Exception as exc:  # noqa: BLE001 - any failure is fine, as long as nothing got out
+        leaked = str(exc)
+        assert "Permission denied" in leaked or "permission" in leaked.lower(), leaked
+    assert "TOPSECRET" not in leaked and str(list(b"TOPSECRE")) not in leaked
+    assert host_file.read_bytes() == b"TOPSECRET" + b"\0" * 55

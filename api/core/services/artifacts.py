@@ -36,7 +36,7 @@ from api.core.settings import Settings
 from api.core.services import RejectedInput, from_input_error
 from api.core.store import ArtifactStore, artifact_key
 from defense_core.errors import InputError
-from defense_core.spec import ModelSpec
+from defense_core.spec import CODE_ARCHS, ModelSpec
 
 if TYPE_CHECKING:
     from defense_core.data import DatasetInfo
@@ -49,6 +49,7 @@ _EXTENSIONS = {
     "safetensors": ".safetensors",
     "state_dict": ".pt",
     "torchscript": ".pt",
+    "torch_export": ".pt2",
     "npz": ".npz",
     "zip": ".zip",
     "tar.gz": ".tar.gz",
@@ -135,12 +136,9 @@ def create_model(
     )
 
 
-CODE_ARCHS = frozenset({"torchscript", "torch_export"})  # formats that carry their own code
-
-
 def check_code_allowed(*, session: Session, org_id: uuid.UUID, spec: ModelSpec, settings: Settings) -> None:
     """422 ``code-models-refused`` when the service or the organization refuses code-carrying models."""
-    if spec.arch not in CODE_ARCHS:
+    if spec.arch not in CODE_ARCHS:  # formats that carry their own code
         return
     if not settings.allow_code_models:
         raise RejectedInput(f"this service does not accept models that carry code (spec.arch {spec.arch!r}); "
