@@ -88,3 +88,39 @@ def test_the_soft_time_limit_kills_the_child_and_fails_the_job(api_factory: Call
         with session_scope(api.app.state.session_factory) as session:
             job = session.get(Job, job_id)
             assert job.status == "failed" and job.error["type"] == "time-limit", job.error
+
+
+def test_a_torch_export_archive_is_uploaded_and_purified_in_the_contained_child(
+        api_factory: Callable[..., object], tmp_path) -> None:
+    """The forward-looking format for custom architectures, end to end: upload, job, purified model."""
+    import io
+
+    import torch
+    from safetensors.torch import load_file
+
+    from defense_core.registry import create_model
+    from defense_core.spec import ModelSpec
+
+    spec = {**SPEC, "arch": "small_cnn"}
+    model = create_model(ModelSpec.from_dict(spec)).eval()
+    ep = torch.export.export(model, (torch.rand(2, 1, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    with contextlib.contextmanager(api_factory)(sandbox_spares=0) as api:
+        tenant = api.tenant()
+        uploaded = api.upload_model(tenant, buffer.getvalue(), spec={**SPEC, "arch": "torch_export"},
+                                    filename="net.pt2")
+        assert uploaded.status_code == 201, uploaded.text
+        assert uploaded.json()["format"] == "torch_export"
+        clean = api.upload_dataset(tenant, npz_bytes(n=32), role="clean")
+        job = api.client.post("/v1/jobs", headers=tenant.headers, json={
+            "model_id": uploaded.json()["id"], "clean_dataset_id": clean.json()["id"], "params": PARAMS})
+        assert job.status_code == 202, job.text
+        job_id = uuid.UUID(job.json()["id"])
+        assert _runner(api).run(job_id) == "succeeded"
+        purified = api.client.get(f"/v1/jobs/{job_id}/model", headers=tenant.headers)
+        assert purified.status_code == 200
+        (tmp_path / "p.safetensors").write_bytes(purified.content)
+        state = load_file(tmp_path / "p.safetensors")
+        assert set(state) == set(model.state_dict())  # the original layer names, loadable into small_cnn
+        model.load_state_dict(state)
