@@ -203,8 +203,11 @@ class _Child:
 
     def send_request(self, request: Mapping[str, Any]) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            raise ChildFailed(f"the contained child ended before it took its request ({self.describe_exit()})") from None
 
     def rss_bytes(self) -> tuple[int, int]:
         """Current and peak resident memory (0 when it cannot be read)."""
@@ -432,7 +435,10 @@ def run_contained(
             except queue.Empty:
                 event = {"event": "tick"}
             if event is None:
-                child.proc.wait(timeout=5)
+                try:
+                    child.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass  # killed below
                 _raise_if_out_of_bounds(child)
                 raise ChildFailed(f"the contained child ended without an answer ({child.describe_exit()}); "
                                   f"its last output: {' | '.join(list(child.output)[-5:]) or 'nothing'}")
