@@ -195,7 +195,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"safetensors header of {header_len} bytes does not fit the file")
         try:
             header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ModelLoadError(f"safetensors header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise ModelLoadError("safetensors header must be a JSON object")

@@ -648,7 +648,7 @@ def check_treespec(text: str) -> None:
     factory or an enum names)."""
     try:
         protocol, root = json.loads(text)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise UnsafeModelError("a serialized input/output spec is malformed") from exc
     stack = [root]
     while stack:
@@ -660,7 +660,7 @@ def check_treespec(text: str) -> None:
         if context is not None:
             try:
                 decoded = json.loads(context)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise UnsafeModelError("a serialized input/output spec is malformed") from exc
             if decoded is not None and not (
                 isinstance(decoded, list) and all(isinstance(k, (str, int)) for k in decoded)

@@ -85,7 +85,7 @@ class Case:
 
     @property
     def expected(self) -> str:
-        return "accepted" if self.accepted else f"{self.status} {' | '.join(self.slugs)}"
+        return "accepted" if self.accepted else f"{self.status} {' or '.join(self.slugs)}"
 
 
 def _case(kind: str, name: str, build: Callable[[Path], bytes], expect: str, why: str,

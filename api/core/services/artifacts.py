@@ -79,6 +79,8 @@ def parse_model_spec(raw: str | None) -> ModelSpec:
     except json.JSONDecodeError as exc:
         raise RejectedInput(f"spec is not valid JSON: {exc.msg} at position {exc.pos}",
                             slug="invalid-spec") from None
+    except RecursionError:
+        raise RejectedInput("spec nests too deeply", slug="invalid-spec") from None
     try:
         spec = ModelSpec.from_dict(data)
     except InputError as exc:
