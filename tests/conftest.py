@@ -30,10 +30,32 @@ from typing import Any
 import pytest
 
 PG_HOST = "127.0.0.1"
-PG_PORT = 5432
+PG_PORT = int(os.environ.get("CLEANROOM_TEST_PG_PORT", "5432"))
 PG_USER = "postgres"
 REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+REDIS_PORT = int(os.environ.get("CLEANROOM_TEST_REDIS_PORT", "6379"))
+
+# A test that uses one of these fixtures (directly or through another fixture), or that
+# runs with one of these parameter values, carries the service's marker, so that
+# ``-m "not postgres"`` (or redis, s3) runs without that server.
+SERVICE_FIXTURES = {
+    "postgres": frozenset({"postgres_url", "empty_postgres_database"}),
+    "redis": frozenset({"redis_url"}),
+    "s3": frozenset({"s3_server"}),
+}
+SERVICE_PARAMS = {"postgresql": "postgres", "s3": "s3", "redis": "redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = {str(v) for v in callspec.params.values()} if callspec is not None else set()
+        needed = {mark for mark, names in SERVICE_FIXTURES.items() if fixtures & names}
+        needed |= {SERVICE_PARAMS[v] for v in params if v in SERVICE_PARAMS}
+        for mark in sorted(needed):
+            if item.get_closest_marker(mark) is None:
+                item.add_marker(getattr(pytest.mark, mark))
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -89,8 +111,8 @@ def _ensure_postgres_running() -> None:
     if _port_open(PG_HOST, PG_PORT):
         return
     versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-    if not versions:
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and not installed here")
+    if PG_PORT != 5432 or not versions:
+        pytest.fail(f"PostgreSQL is not reachable on {PG_HOST}:{PG_PORT}")
     subprocess.run(
         ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"],
         check=True,
@@ -284,6 +306,8 @@ def redis_url() -> Iterator[str]:
     import redis
 
     if not _port_open(REDIS_HOST, REDIS_PORT):
+        if REDIS_PORT != 6379:
+            pytest.fail(f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}")
         subprocess.run(
             [
                 "redis-server", "--daemonize", "yes", "--bind", REDIS_HOST,
