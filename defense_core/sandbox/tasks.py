@@ -9,26 +9,24 @@ inputs, runs the defense and writes the purified model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from defense_core.errors import InputError
 from defense_core.progress import Reporter
+from defense_core.registry import Registry
 
 TaskFn = Callable[[Mapping[str, Any], Path, Reporter], dict[str, Any]]
-_TASKS: dict[str, TaskFn] = {}
+TASKS: Registry[TaskFn] = Registry("contained task", error=ValueError)
 
 
 def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
-    def deco(fn: TaskFn) -> TaskFn:
-        _TASKS[name] = fn
-        return fn
-
-    return deco
+    return TASKS.register(name)
 
 
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def warm_up() -> None:
@@ -44,11 +42,7 @@ def run(name: str, args: Mapping[str, Any], *, scratch: Path, reporter: Reporter
     import torch
 
     torch.set_num_threads(max(1, threads))
-    try:
-        fn = _TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown contained task {name!r}") from None
-    return fn(args, scratch, reporter)
+    return TASKS.get(name)(args, scratch, reporter)
 
 
 def _inside(scratch: Path, name: str | None) -> Path | None:
