@@ -50,7 +50,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from defense_core.device import DeviceOptions, Runtime, make_runtime
+from defense_core.device import DeviceOptions, DeviceRuntime, make_runtime
 from defense_core.errors import DatasetError, InputError
 from defense_core.imageset import ImageSet
 from defense_core.metrics import StageMetrics, der, evaluate, fidelity
@@ -361,7 +361,7 @@ class _Run:
     test: ImageSet | None
     poisoned: ImageSet | None
     config: PurifyConfig
-    runtime: Runtime
+    runtime: DeviceRuntime
     reporter: Reporter
     cancel: CancelHook | None
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(

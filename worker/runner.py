@@ -27,7 +27,7 @@ from api.core.services import runs
 from api.core.settings import Settings
 from api.core.store import artifact_key
 from defense_core.errors import Cancelled, InputError
-from worker.runtime import Runtime
+from worker.runtime import WorkerDevice
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class JobRunner:
     settings: Settings
     session_factory: sessionmaker[Session]
     store: Any  # api.core.store.ArtifactStore
-    runtime: Runtime
+    runtime: WorkerDevice
     worker: str = field(default_factory=worker_identity)
 
     def claim(self, job_id: uuid.UUID) -> runs.Claim:

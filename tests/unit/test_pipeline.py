@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import defense_core.pipeline as pipeline_module
-from defense_core.device import Runtime
+from defense_core.device import DeviceRuntime
 from defense_core.errors import Cancelled, DatasetError, InputError
 from defense_core.imageset import ImageSet
 from defense_core.metrics import evaluate
@@ -141,7 +141,7 @@ def test_metrics_are_measured_in_full_precision_when_training_runs_under_autocas
     # bf16 autocast forced for this job whatever the CPU; the reported metrics must
     # still be those of the full-precision model (what a user deploys).
     monkeypatch.setattr(pipeline_module, "make_runtime",
-                        lambda *args, **kwargs: Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
+                        lambda *args, **kwargs: DeviceRuntime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
     probe = _AutocastProbe()
     probe.load_state_dict(_model().state_dict())
     _AutocastProbe.seen.clear()
