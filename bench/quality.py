@@ -35,7 +35,9 @@ from defense_core.errors import InputError
 from defense_core.imageset import ImageSet
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
-from defense_core.pipeline import TSBD_ONLY_PARAMS, PurificationResult, PurifyConfig, purify
+from defense_core.jobs.params import TSBD_ONLY_PARAMS, PurifyConfig
+from defense_core.pipeline import purify
+from defense_core.result import PurificationResult
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model

@@ -41,7 +41,8 @@ from defense_core.cpu_mode import BF16_MIN_SPEEDUP, CALIBRATION_BATCH, choose_cp
 from defense_core.device import DeviceOptions, DeviceRuntime, make_runtime, set_threads
 from defense_core.imageset import ImageSet
 from defense_core.metrics import predict
-from defense_core.pipeline import PurifyConfig, purify
+from defense_core.jobs.params import PurifyConfig
+from defense_core.pipeline import purify
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 from defense_core.transforms import Normalizer
