@@ -133,7 +133,8 @@ def _purify_contained(args: dict[str, Any], request: Any, device: Any,
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != doc.get("model_sha256"):
-            raise RuntimeError("the purified model does not match the digest the contained run reported")
+            raise RuntimeError("the purified model does not match the digest the contained run "
+                               "reported")
         shutil.move(str(written), args["out"])
         learned = scratch / "cpu-modes.json"
         if cache is not None and learned.is_file() and learned.stat().st_size <= MAX_JSON_BYTES:
@@ -267,8 +268,8 @@ def _run(args: dict[str, Any], *, err: Any) -> None:
         raise InputError(f"output folder {args['out'].parent} does not exist")
     if args["threads"] is not None and args["threads"] < 1:
         raise InputError("--threads must be >= 1")
-    device = DeviceOptions(device=args["device"], cpu_bf16=args["bf16"], channels_last=args["channels_last"],
-                           threads=args["threads"],
+    device = DeviceOptions(device=args["device"], cpu_bf16=args["bf16"],
+                           channels_last=args["channels_last"], threads=args["threads"],
                            mode_cache=str(args["cpu_mode_cache"] or _default_mode_cache()))
 
     model_spec = ModelSpec.from_dict(_read_json(args["spec"], "spec"))

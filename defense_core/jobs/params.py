@@ -190,14 +190,14 @@ class PurifyConfig:
     (CLI flags, worker settings), never by user parameters."""
 
     defense: str = "tsbd"
-    unlearn: UnlearnConfig = UnlearnConfig()
-    reinit: ReinitConfig = ReinitConfig()
-    aft: AFTConfig = AFTConfig()
-    augment: AugmentConfig = AugmentConfig()
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    reinit: ReinitConfig = field(default_factory=ReinitConfig)
+    aft: AFTConfig = field(default_factory=AFTConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 256
     eval_batch_size: int = 512
     seed: int = 0
-    device: DeviceOptions = DeviceOptions()
+    device: DeviceOptions = field(default_factory=DeviceOptions)
     # n values to sweep (both stages per n, best DER kept); None: reinit.neuron_ratio alone
     sweep: tuple[float, ...] | None = None
 

@@ -16,7 +16,8 @@ from defense_core.progress import CancelHook, Reporter
 
 @register_job_kind("purify", request=PurifyRequest)
 def run_purify(loaded: LoadedPurify, *, out: Path, metadata: Mapping[str, Any] | None = None,
-               reporter: Reporter | None = None, cancel: CancelHook | None = None) -> dict[str, Any]:
+               reporter: Reporter | None = None,
+               cancel: CancelHook | None = None) -> dict[str, Any]:
     """Purify the loaded inputs, write the purified model to ``out`` (safetensors, with
     ``metadata`` and the defense's name) and return the Result document."""
     result = purify(loaded.model, loaded.spec, loaded.clean, test=loaded.test,
