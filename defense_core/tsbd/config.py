@@ -1,7 +1,7 @@
 """Hyper-parameters of the two TSBD stages, with the paper's defaults.
 
 Every config is frozen and validated on construction (``ValueError`` on a bad
-value); :mod:`defense_core.pipeline` turns user parameters into these and maps
+value); :mod:`defense_core.jobs.params` turns user parameters into these and maps
 the errors to :class:`~defense_core.errors.InputError`.
 """
 
