@@ -41,11 +41,12 @@ def available_tasks() -> list[str]:
 
 def warm_up() -> None:
     """Import what the tasks use, so a spare child is ready when its request comes."""
-    import defense_core.attacks  # noqa: F401
-    import defense_core.data  # noqa: F401
-    import defense_core.loading  # noqa: F401
-    import defense_core.jobs.purify  # noqa: F401
     from PIL import JpegImagePlugin, PngImagePlugin  # noqa: F401
+
+    import defense_core.attacks
+    import defense_core.data
+    import defense_core.jobs.purify
+    import defense_core.loading  # noqa: F401
 
 
 def run(name: str, args: Mapping[str, Any], *, scratch: Path, reporter: Reporter, threads: int) -> dict[str, Any]:

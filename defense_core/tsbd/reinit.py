@@ -18,6 +18,7 @@ from torch import nn
 from defense_core.tsbd.config import ReinitConfig
 from defense_core.tsbd.nwc import NeuronRanking
 
+
 @dataclass(frozen=True)
 class ReinitResult:
     neuron_ratio: float
