@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from defense_core.device import cpu_name
+from defense_core.cpu_mode import cpu_name
 from defense_core.imageset import ImageSet
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"

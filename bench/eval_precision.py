@@ -17,17 +17,17 @@ import torch
 from bench.common import CACHE_DIR, mnist_split
 from bench.quality import ATTACKS, EXTRA_ATTACKS, attack_trigger, model_spec
 from defense_core.attacks import TriggerSpec, make_poisoned_test_set
-from defense_core.device import Runtime
+from defense_core.device import DeviceRuntime
 from defense_core.loading import read_state_dict
 from defense_core.metrics import evaluate
 from defense_core.registry import create_model
 
 CPU = torch.device("cpu")
 MODES = {
-    "fp32": Runtime(CPU),
-    "channels_last": Runtime(CPU, channels_last=True),
-    "bf16": Runtime(CPU, autocast_dtype=torch.bfloat16),
-    "channels_last+bf16": Runtime(CPU, autocast_dtype=torch.bfloat16, channels_last=True),
+    "fp32": DeviceRuntime(CPU),
+    "channels_last": DeviceRuntime(CPU, channels_last=True),
+    "bf16": DeviceRuntime(CPU, autocast_dtype=torch.bfloat16),
+    "channels_last+bf16": DeviceRuntime(CPU, autocast_dtype=torch.bfloat16, channels_last=True),
 }
 
 

@@ -35,7 +35,9 @@ from defense_core.errors import InputError
 from defense_core.imageset import ImageSet
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
-from defense_core.pipeline import TSBD_ONLY_PARAMS, PurificationResult, PurifyConfig, purify
+from defense_core.jobs.params import TSBD_ONLY_PARAMS, PurifyConfig
+from defense_core.pipeline import purify
+from defense_core.result import PurificationResult
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model
@@ -43,7 +45,7 @@ from defense_core.transforms import AugmentConfig
 from defense_core.tsbd.aft import finetune_, reestimate_bn_
 from defense_core.tsbd.choose_n import choose_neuron_ratio
 from defense_core.tsbd.nwc import NeuronRanking, rank_neurons
-from defense_core.tsbd.reinit import auto_neuron_ratio, zero_reinit_
+from defense_core.tsbd.reinit import zero_reinit_
 from defense_core.tsbd.unlearning import unlearn_
 
 log = logging.getLogger("bench.quality")
@@ -321,10 +323,8 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
     choices: list[tuple[str, float]] = []
     if "default" in defenses:
         choices.append((f"TSBD default (n={config.reinit.neuron_ratio:g})", float(config.reinit.neuron_ratio)))
-    if "auto" in defenses:
-        choices.append(("TSBD n=auto (robust z of NWC)", auto_neuron_ratio(ranking, config.reinit)))
-    if "rule" in defenses:
-        choices.append(("TSBD n=rule (clean acc after reinit)", choose_neuron_ratio(
+    if defenses & {"auto", "rule"}:  # "rule": the earlier name of the same row
+        choices.append(("TSBD n=auto (clean acc after reinit)", choose_neuron_ratio(
             model, ranking, split.clean, spec=spec, weight_ratio=config.reinit.weight_ratio)))
     if "sweep" in defenses:
         choices += [(f"TSBD n={n:g}", n) for n in n_values]

@@ -37,13 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import CACHE_DIR, cache_key, machine_info, mnist_split
-from defense_core.device import (
-    BF16_MIN_SPEEDUP, CALIBRATION_BATCH, DeviceOptions, Runtime, choose_cpu_mode, cpu_supports_bf16, make_runtime,
-    set_threads,
-)
+from defense_core.cpu_mode import BF16_MIN_SPEEDUP, CALIBRATION_BATCH, choose_cpu_mode, cpu_supports_bf16
+from defense_core.device import DeviceOptions, DeviceRuntime, make_runtime, set_threads
 from defense_core.imageset import ImageSet
 from defense_core.metrics import predict
-from defense_core.pipeline import PurifyConfig, purify
+from defense_core.jobs.params import PurifyConfig
+from defense_core.pipeline import purify
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 from defense_core.transforms import Normalizer
@@ -73,19 +72,19 @@ def modes() -> dict[str, DeviceOptions]:
     return out
 
 
-def _batch(runtime: Runtime, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(runtime: DeviceRuntime, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     data = synthetic(batch, CIFAR_SPEC, seed=1)
     x = runtime.prepare_input(Normalizer(CIFAR_SPEC, runtime.device)(data.x))
     return x, data.y.to(runtime.device)
 
 
-def _model(runtime: Runtime) -> nn.Module:
+def _model(runtime: DeviceRuntime) -> nn.Module:
     torch.manual_seed(0)
     return runtime.prepare_model(create_model(CIFAR_SPEC)).train()
 
 
 def _plain_sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                    runtime: Runtime) -> None:
+                    runtime: DeviceRuntime) -> None:
     optimizer.zero_grad(set_to_none=True)
     with runtime.autocast():
         logits = model(x)
@@ -96,7 +95,7 @@ def _plain_sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
 STEP_KINDS = ("plain SGD", "unlearning", "FT", "AFT")
 
 
-def step_costs(runtime: Runtime, *, batch: int, warmup: int, repeats: int,
+def step_costs(runtime: DeviceRuntime, *, batch: int, warmup: int, repeats: int,
                kinds: tuple[str, ...] = STEP_KINDS) -> dict[str, float]:
     """Median seconds per step of each kind, timed round-robin."""
     x, y = _batch(runtime, batch)
@@ -125,7 +124,7 @@ def step_costs(runtime: Runtime, *, batch: int, warmup: int, repeats: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def eval_throughput(runtime: Runtime, *, n: int, repeats: int) -> float:
+def eval_throughput(runtime: DeviceRuntime, *, n: int, repeats: int) -> float:
     model = _model(runtime)
     data = synthetic(n, CIFAR_SPEC, seed=2)
     normalizer = Normalizer(CIFAR_SPEC, runtime.device)

@@ -88,13 +88,15 @@ class _ProgressReporter:
         self.progress.update(self.tasks[stage], completed=step, total=total, description=description)
 
 
-def _purify_contained(args: dict[str, Any], spec: Any, params: dict[str, Any], device: Any,
-                      trigger: dict[str, Any] | None, reporter: _ProgressReporter) -> dict[str, Any]:
+def _purify_contained(args: dict[str, Any], request: Any, device: Any,
+                      reporter: _ProgressReporter) -> dict[str, Any]:
     """Copy the inputs into a scratch directory and purify them in a contained child."""
+    import dataclasses
     import hashlib
     import shutil
     import tempfile
 
+    from defense_core.jobs.request import INPUTS
     from defense_core.sandbox import Limits, run_contained
 
     scratch = Path(tempfile.mkdtemp(prefix="cleanroom-purify-"))
@@ -102,7 +104,7 @@ def _purify_contained(args: dict[str, Any], spec: Any, params: dict[str, Any], d
         (scratch / "in").mkdir()
         (scratch / "out").mkdir()
         names: dict[str, str | None] = {}
-        for role in ("model", "clean", "test", "poisoned"):
+        for role in INPUTS:
             names[role] = None
             if args[role] is not None:
                 shutil.copyfile(args[role], scratch / "in" / role)
@@ -112,24 +114,27 @@ def _purify_contained(args: dict[str, Any], spec: Any, params: dict[str, Any], d
             shutil.copyfile(cache, scratch / "cpu-modes.json")
         threads = device.threads or len(os.sched_getaffinity(0))
         memory = args["memory_limit_gib"]
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         limits = Limits(
             wall_seconds=args["time_limit_s"] or 24 * 3600.0,
-            memory_bytes=int(memory * 2**30) if memory else int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+            memory_bytes=int(memory * 2**30) if memory else int(0.8 * physical),
             threads=threads,
         )
-        child_device = {"device": device.device, "cpu_bf16": device.cpu_bf16, "channels_last": device.channels_last,
-                        "threads": threads, "mode_cache": "cpu-modes.json"}
-        task_args = {**names, "spec": spec.to_dict(), "defense": args["defense"], "params": params,
-                     "trigger": trigger, "device": child_device, "out": "out/purified.safetensors",
-                     "metadata": {"defense": args["defense"]}}
-        doc = run_contained("purify", task_args, scratch=scratch, limits=limits, reporter=reporter).result
+        child_device = {"device": device.device, "cpu_bf16": device.cpu_bf16,
+                        "channels_last": device.channels_last, "threads": threads,
+                        "mode_cache": "cpu-modes.json"}
+        task_args = {**dataclasses.replace(request, **names).to_dict(), "device": child_device,
+                     "out": "out/purified.safetensors", "metadata": {"defense": request.defense}}
+        doc = run_contained("purify", task_args, scratch=scratch, limits=limits,
+                            reporter=reporter).result
         written = scratch / "out" / "purified.safetensors"
         digest = hashlib.sha256()
         with written.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != doc.get("model_sha256"):
-            raise RuntimeError("the purified model does not match the digest the contained run reported")
+            raise RuntimeError("the purified model does not match the digest the contained run "
+                               "reported")
         shutil.move(str(written), args["out"])
         learned = scratch / "cpu-modes.json"
         if cache is not None and learned.is_file() and learned.stat().st_size <= MAX_JSON_BYTES:
@@ -236,67 +241,53 @@ def purify_command(
         raise typer.Exit(code=1) from None
 
 
-def _run(args: dict[str, Any], *, err: Any) -> None:
-    import dataclasses
+def _request_params(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The user parameters given as flags: one flag per parameter of the request type
+    (the augment object's fields are flags of their own)."""
+    from defense_core.jobs.params import AUGMENT_FIELDS, PARAMS
 
+    flags = {p.name: args[p.name] for p in PARAMS if p.kind != "augment"}
+    augment = {f.name: args[f.name] for f in AUGMENT_FIELDS if args[f.name] is not None}
+    return _user_params(flags, augment)
+
+
+def _run(args: dict[str, Any], *, err: Any) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from defense_core.attacks import TriggerSpec, make_poisoned_test_set
-    from defense_core.data import load_dataset
     from defense_core.device import DeviceOptions
     from defense_core.errors import InputError
-    from defense_core.loading import load_model, save_safetensors
-    from defense_core.pipeline import PurifyConfig, purify
+    from defense_core.jobs import get_job_kind
+    from defense_core.jobs.request import PurifyRequest
     from defense_core.spec import ModelSpec
 
-    if args["poisoned"] is not None and args["trigger"] is not None:
-        raise InputError("give --poisoned or --trigger, not both")
-    if args["trigger"] is not None and args["test"] is None:
-        raise InputError("--trigger needs --test (the trigger is applied to the test set's images)")
     for name in ("model", "spec", "clean", "test", "poisoned", "trigger"):
         if args[name] is not None and not args[name].is_file():
             raise InputError(f"--{name} {args[name]}: no such file")
     if not args["out"].parent.is_dir():
         raise InputError(f"output folder {args['out'].parent} does not exist")
-
-    names = ("neuron_ratio", "weight_ratio", "alpha", "rho", "perturb_norm", "ft_epochs", "ft_min_steps",
-             "ft_lr", "ft_noise_blend", "unlearn_lr", "unlearn_max_epochs", "unlearn_max_steps", "stop_acc",
-             "batch_size", "seed")
-    augment = {k: args[k] for k in ("crop_padding", "hflip") if args[k] is not None}
-    params = _user_params({k: args[k] for k in names}, augment)
-    config = PurifyConfig.from_params(params, defense=args["defense"])
     if args["threads"] is not None and args["threads"] < 1:
         raise InputError("--threads must be >= 1")
-    config = dataclasses.replace(config, device=DeviceOptions(
-        device=args["device"], cpu_bf16=args["bf16"], channels_last=args["channels_last"], threads=args["threads"],
-        mode_cache=str(args["cpu_mode_cache"] or _default_mode_cache())))
+    device = DeviceOptions(device=args["device"], cpu_bf16=args["bf16"],
+                           channels_last=args["channels_last"], threads=args["threads"],
+                           mode_cache=str(args["cpu_mode_cache"] or _default_mode_cache()))
 
     model_spec = ModelSpec.from_dict(_read_json(args["spec"], "spec"))
     trigger = _read_json(args["trigger"], "trigger") if args["trigger"] is not None else None
-    if trigger is not None:
-        TriggerSpec.from_dict(trigger)  # refused here, before anything starts
+    request = PurifyRequest(model=args["model"], clean=args["clean"], test=args["test"],
+                            poisoned=args["poisoned"], trigger=trigger, defense=args["defense"],
+                            params=_request_params(args), spec=model_spec.to_dict())
+    request.validate()  # refused here, before anything starts
     reporter = _ProgressReporter(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                           TimeElapsedColumn(), console=err, redirect_stdout=False,
                                           redirect_stderr=False))
     try:
         if args["contain"]:
-            doc = _purify_contained(args, model_spec, params, config.device, trigger, reporter)
-            sha256 = doc["model_sha256"]
+            doc = _purify_contained(args, request, device, reporter)
         else:
-            net = load_model(args["model"], model_spec)
-            clean_set = load_dataset(args["clean"])
-            test_set = load_dataset(args["test"]) if args["test"] is not None else None
-            poisoned_set = None
-            if args["poisoned"] is not None:
-                poisoned_set = load_dataset(args["poisoned"])
-            elif trigger is not None and test_set is not None:
-                test_set.check_fits(model_spec, what="test set")
-                poisoned_set = make_poisoned_test_set(test_set, TriggerSpec.from_dict(trigger))
-            result = purify(net, model_spec, clean_set, test=test_set, poisoned=poisoned_set, config=config,
-                            reporter=reporter)
-            sha256 = save_safetensors(result.state_dict, args["out"], metadata={"defense": result.defense})
-            doc = result.to_document(sha256)
+            kind = get_job_kind("purify")
+            doc = kind.run(request.load(device=device), out=args["out"], reporter=reporter)
+        sha256 = doc["model_sha256"]
     finally:
         reporter.stop()
     if args["as_json"]:

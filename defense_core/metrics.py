@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from defense_core.device import CPU_FP32, Runtime
+from defense_core.device import CPU_FP32, DeviceRuntime
 from defense_core.imageset import ImageSet
 from defense_core.spec import ModelSpec
 from defense_core.transforms import Normalizer
@@ -47,7 +47,7 @@ def predict(
     *,
     normalizer: Normalizer,
     batch_size: int = 512,
-    runtime: Runtime = CPU_FP32,
+    runtime: DeviceRuntime = CPU_FP32,
 ) -> torch.Tensor:
     """Predicted labels (int64, on the images' device) for uint8 ``[N, C, H, W]`` images."""
     out = torch.empty(images.shape[0], dtype=torch.int64, device=images.device)
@@ -65,7 +65,7 @@ def accuracy(
     *,
     normalizer: Normalizer,
     batch_size: int = 512,
-    runtime: Runtime = CPU_FP32,
+    runtime: DeviceRuntime = CPU_FP32,
 ) -> float:
     if images.shape[0] == 0:
         raise ValueError("accuracy of an empty set")
@@ -80,7 +80,7 @@ def evaluate(
     test: ImageSet | None = None,
     poisoned: ImageSet | None = None,
     batch_size: int = 512,
-    runtime: Runtime = CPU_FP32,
+    runtime: DeviceRuntime = CPU_FP32,
 ) -> StageMetrics:
     """CA on ``test``; ASR and RA on the triggered images of ``poisoned`` whose
     true label is not the target (target-class images are ignored)."""

@@ -1,10 +1,10 @@
 """Train classifiers, clean or backdoored, to build test models and benchmarks.
 
 Data stays in memory as uint8 and is normalized per batch. On CPU the model
-runs in channels-last layout (oneDNN's preferred layout: measured ~10-20%
-faster for PreAct-ResNet18 on 28x28 digits). bf16 autocast is available but off
-by default: on CPUs with AVX512-BF16 but no AMX we measured it no faster than
-float32 for this network. Evaluation always runs in float32.
+runs in channels-last layout (oneDNN's preferred layout, faster for the
+benchmark networks: ``bench/results/speed.md``). bf16 autocast is available but
+off by default: without AMX it did not pay for these networks. Evaluation always
+runs in float32.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from api.core.services import runs
 from api.core.settings import Settings
 from api.core.store import artifact_key
 from defense_core.errors import Cancelled, InputError
-from worker.runtime import Runtime
+from worker.runtime import WorkerDevice
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class JobRunner:
     settings: Settings
     session_factory: sessionmaker[Session]
     store: Any  # api.core.store.ArtifactStore
-    runtime: Runtime
+    runtime: WorkerDevice
     worker: str = field(default_factory=worker_identity)
 
     def claim(self, job_id: uuid.UUID) -> runs.Claim:
@@ -341,18 +341,17 @@ class JobRunner:
     def _contained_purify(self, job_id: uuid.UUID, snap: JobSnapshot, names: Mapping[str, str | None],
                           channel: JobChannel, scratch: Path) -> dict[str, Any]:
         """Run the engine on the job in a contained child; the Result document it returns."""
+        from defense_core.jobs.request import PurifyRequest
         from defense_core.sandbox import Limits, run_contained, shared_pool
         from defense_core.sandbox.confine import gpu_device_paths
 
         _copy_mode_cache_in(self.settings, scratch)
         device = {"device": self.runtime.device, "threads": self.runtime.threads,
                   "mode_cache": "cpu-modes.json"}
+        request = PurifyRequest(**names, trigger=snap.trigger, defense=snap.defense,
+                                params=snap.params, spec=snap.spec)
         args = {
-            **names,
-            "spec": snap.spec,
-            "defense": snap.defense,
-            "params": snap.params,
-            "trigger": snap.trigger,
+            **request.to_dict(),
             "device": device,
             "out": "out/purified.safetensors",
             "metadata": {"job_id": str(job_id), "source_sha256": snap.model_sha256},

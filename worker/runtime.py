@@ -14,7 +14,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Runtime:
+class WorkerDevice:
+    """The device and thread count one worker pool process computes with (what the
+    engine's contained child is told; the engine resolves the precision itself)."""
+
     device: str  # "cpu" or "cuda:<i>" (index among CUDA_VISIBLE_DEVICES)
     threads: int
     amp: bool  # mixed precision (only on CUDA)
@@ -39,7 +42,7 @@ def owned_cores() -> int:
 
 def choose_runtime(
     *, process_index: int, concurrency: int, cuda_devices: int | None = None, cores: int | None = None
-) -> Runtime:
+) -> WorkerDevice:
     """The device and thread count of pool process ``process_index`` of ``concurrency``.
 
     With GPUs, process ``i`` gets GPU ``i mod n`` (``CUDA_VISIBLE_DEVICES`` is
@@ -52,11 +55,11 @@ def choose_runtime(
     n_cores = owned_cores() if cores is None else cores
     threads = max(1, n_cores // concurrency)
     if n_gpus > 0:
-        return Runtime(device=f"cuda:{process_index % n_gpus}", threads=threads, amp=True)
-    return Runtime(device="cpu", threads=threads, amp=False)
+        return WorkerDevice(device=f"cuda:{process_index % n_gpus}", threads=threads, amp=True)
+    return WorkerDevice(device="cpu", threads=threads, amp=False)
 
 
-def apply_runtime(runtime: Runtime) -> None:
+def apply_runtime(runtime: WorkerDevice) -> None:
     """Pin this process to its runtime (thread pools, current CUDA device)."""
     torch.set_num_threads(runtime.threads)
     if runtime.device.startswith("cuda:"):

@@ -9,12 +9,14 @@ validated parameter dataclass. Families register themselves with
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from defense_core.errors import InputError
+from defense_core.registry import Registry
 
 MAX_TARGET = 100_000
 
@@ -33,7 +35,12 @@ class TriggerFamily:
     clean_label: bool = False  # poison only target-class training images, keep labels
 
 
-_TRIGGERS: dict[str, TriggerFamily] = {}
+def _load_families() -> None:
+    # The family modules register themselves on import.
+    import defense_core.attacks.families  # noqa: F401
+
+
+TRIGGERS: Registry[TriggerFamily] = Registry("trigger type", load=_load_families)
 
 
 def register_trigger(
@@ -44,32 +51,18 @@ def register_trigger(
         raise TypeError(f"trigger parameters of {name!r} must be a dataclass")
 
     def deco(fn: TriggerFn) -> TriggerFn:
-        if name in _TRIGGERS:
-            raise ValueError(f"trigger {name!r} is registered twice")
-        _TRIGGERS[name] = TriggerFamily(name=name, params_cls=params, apply=fn, clean_label=clean_label)
+        TRIGGERS.add(name, TriggerFamily(name=name, params_cls=params, apply=fn, clean_label=clean_label))
         return fn
 
     return deco
 
 
 def available_triggers() -> list[str]:
-    _ensure_loaded()
-    return sorted(_TRIGGERS)
+    return TRIGGERS.names()
 
 
 def get_trigger_family(name: str) -> TriggerFamily:
-    _ensure_loaded()
-    try:
-        return _TRIGGERS[name]
-    except KeyError:
-        raise InputError(
-            f"unknown trigger type {name!r}; known: {', '.join(sorted(_TRIGGERS))}"
-        ) from None
-
-
-def _ensure_loaded() -> None:
-    # The family modules register themselves on import.
-    import defense_core.attacks.families  # noqa: F401
+    return TRIGGERS.get(name)
 
 
 @dataclass(frozen=True)
@@ -92,7 +85,7 @@ class TriggerSpec:
         return get_trigger_family(self.type)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TriggerSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> TriggerSpec:
         if not isinstance(data, Mapping):
             raise InputError("the trigger spec must be a JSON object")
         if "type" not in data or "target" not in data:

@@ -2,53 +2,76 @@
 
 Each task takes plain JSON arguments whose file names are relative to the
 scratch directory (the only place the child can read or write), and returns a
-JSON-able dict. ``inspect_model`` validates an upload; ``purify`` loads a job's
-inputs, runs the defense and writes the purified model.
+JSON-able dict. ``inspect_model`` validates an upload; each job kind
+(:mod:`defense_core.jobs`) is a task of its name: ``purify`` loads a job's inputs,
+runs the defense and writes the purified model.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from defense_core.errors import InputError
 from defense_core.progress import Reporter
+from defense_core.registry import Registry
 
 TaskFn = Callable[[Mapping[str, Any], Path, Reporter], dict[str, Any]]
-_TASKS: dict[str, TaskFn] = {}
+
+
+def _register_job_kinds() -> None:
+    # Every job kind is also a contained task of the same name (see run_job).
+    from defense_core.jobs import available_job_kinds
+
+    for kind in available_job_kinds():
+        TASKS.add(kind, functools.partial(run_job, kind))
+
+
+TASKS: Registry[TaskFn] = Registry("contained task", error=ValueError, load=_register_job_kinds)
 
 
 def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
-    def deco(fn: TaskFn) -> TaskFn:
-        _TASKS[name] = fn
-        return fn
-
-    return deco
+    return TASKS.register(name)
 
 
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def warm_up() -> None:
     """Import what the tasks use, so a spare child is ready when its request comes."""
-    import defense_core.attacks  # noqa: F401
-    import defense_core.data  # noqa: F401
-    import defense_core.loading  # noqa: F401
-    import defense_core.pipeline  # noqa: F401
     from PIL import JpegImagePlugin, PngImagePlugin  # noqa: F401
+
+    import defense_core.attacks
+    import defense_core.data
+    import defense_core.jobs.purify
+    import defense_core.loading  # noqa: F401
 
 
 def run(name: str, args: Mapping[str, Any], *, scratch: Path, reporter: Reporter, threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    try:
-        fn = _TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown contained task {name!r}") from None
-    return fn(args, scratch, reporter)
+    return TASKS.get(name)(args, scratch, reporter)
+
+
+def run_job(kind_name: str, args: Mapping[str, Any], scratch: Path,
+            reporter: Reporter) -> dict[str, Any]:
+    """Run a job of the kind ``kind_name``: ``args`` is its request's JSON form plus
+    ``device`` (the caller's DeviceOptions fields), ``out`` and ``metadata``; file names
+    are inside the scratch directory."""
+    from defense_core.device import DeviceOptions
+    from defense_core.jobs import get_job_kind
+
+    kind = get_job_kind(kind_name)
+    request = kind.request.from_dict(args)
+    device = dict(args.get("device") or {})
+    if device.get("mode_cache") is not None:
+        device["mode_cache"] = str(_inside(scratch, device["mode_cache"]))
+    loaded = request.load(resolve=lambda name: _inside(scratch, name), device=DeviceOptions(**device))
+    return kind.run(loaded, out=_inside(scratch, args["out"]), metadata=args.get("metadata"),
+                    reporter=reporter)
 
 
 def _inside(scratch: Path, name: str | None) -> Path | None:
@@ -91,46 +114,6 @@ def _run_unchecked_torchscript(path: Path, spec: Any) -> dict[str, Any]:
         out = module(torch.rand(1, spec.in_channels, *spec.input_size))
     state = {k: v.tolist() for k, v in module.state_dict().items() if v.dtype == torch.uint8}
     return {"shape": list(out.shape), "uint8_buffers": state}
-
-
-@register_task("purify")
-def _purify(args: Mapping[str, Any], scratch: Path, reporter: Reporter) -> dict[str, Any]:
-    """Load and check every input, purify, write ``args["out"]``; returns the Result document."""
-    from defense_core import data, loading
-    from defense_core.attacks import TriggerSpec, make_poisoned_test_set
-    from defense_core.pipeline import PurifyConfig, purify
-    from defense_core.spec import ModelSpec
-
-    spec = ModelSpec.from_dict(args["spec"])
-    config = PurifyConfig.from_params(args.get("params") or {}, defense=args.get("defense", "tsbd"))
-    device = dict(args.get("device") or {})
-    if device.get("mode_cache") is not None:
-        device["mode_cache"] = str(_inside(scratch, device["mode_cache"]))
-    config = dataclasses.replace(config, device=dataclasses.replace(config.device, **device))
-
-    model = loading.load_model(_inside(scratch, args["model"]), spec)  # type: ignore[arg-type]
-    clean = data.load_dataset(_inside(scratch, args["clean"]))  # type: ignore[arg-type]
-    clean.check_fits(spec, what="clean dataset")
-    test = None
-    if args.get("test") is not None:
-        test = data.load_dataset(_inside(scratch, args["test"]))  # type: ignore[arg-type]
-        test.check_fits(spec, what="test dataset")
-    poisoned = None
-    if args.get("poisoned") is not None:
-        poisoned = data.load_dataset(_inside(scratch, args["poisoned"]))  # type: ignore[arg-type]
-        poisoned.check_fits(spec, what="poisoned dataset")
-    elif args.get("trigger") is not None:
-        if test is None:
-            raise InputError("a trigger needs a test dataset to build the poisoned test set from")
-        poisoned = make_poisoned_test_set(test, TriggerSpec.from_dict(args["trigger"]))
-
-    result = purify(model, spec, clean, test=test, poisoned=poisoned, config=config, reporter=reporter)
-    out = _inside(scratch, args["out"])
-    assert out is not None
-    metadata = {str(k): str(v) for k, v in (args.get("metadata") or {}).items()}
-    metadata.setdefault("defense", result.defense)
-    sha256 = loading.save_safetensors(result.state_dict, out, metadata=metadata)
-    return result.to_document(sha256)
 
 
 @register_task("probe")

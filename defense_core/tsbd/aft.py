@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defense_core.device import CPU_FP32, Runtime
+from defense_core.device import CPU_FP32, DeviceRuntime
 from defense_core.imageset import ImageSet
 from defense_core.progress import CancelHook, NullReporter, Reporter, check_cancel
 from defense_core.spec import ModelSpec
@@ -51,7 +51,7 @@ class AFTStepper:
         optimizer: torch.optim.Optimizer,
         config: AFTConfig = AFTConfig(),
         *,
-        runtime: Runtime = CPU_FP32,
+        runtime: DeviceRuntime = CPU_FP32,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -147,7 +147,7 @@ def finetune_(
     augment: AugmentConfig = AugmentConfig(),
     batch_size: int = 256,
     generator: torch.Generator,
-    runtime: Runtime = CPU_FP32,
+    runtime: DeviceRuntime = CPU_FP32,
     reporter: Reporter | None = None,
     cancel: CancelHook | None = None,
 ) -> FinetuneResult:
@@ -203,7 +203,7 @@ def _tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_size: int,
-                   runtime: Runtime = CPU_FP32) -> None:
+                   runtime: DeviceRuntime = CPU_FP32) -> None:
     """Replace the BatchNorm running statistics of ``model`` with the mean over
     batches of ``clean`` as it is (no augmentation, no gradients, weights
     untouched); the model's train/eval mode is kept. The set is cut into

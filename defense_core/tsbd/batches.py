@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from defense_core.device import Runtime
+from defense_core.device import DeviceRuntime
 from defense_core.imageset import ImageSet
 from defense_core.spec import ModelSpec
 from defense_core.transforms import AugmentConfig, Normalizer, augment, batch_indices, noise_blend, steps_per_epoch
@@ -26,7 +26,7 @@ class TrainBatches:
         batch_size: int,
         augment_config: AugmentConfig,
         generator: torch.Generator,
-        runtime: Runtime,
+        runtime: DeviceRuntime,
         noise_blend: float = 0.0,
     ) -> None:
         if len(clean) == 0:

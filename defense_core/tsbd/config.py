@@ -1,7 +1,7 @@
 """Hyper-parameters of the two TSBD stages, with the paper's defaults.
 
 Every config is frozen and validated on construction (``ValueError`` on a bad
-value); :mod:`defense_core.pipeline` turns user parameters into these and maps
+value); :mod:`defense_core.jobs.params` turns user parameters into these and maps
 the errors to :class:`~defense_core.errors.InputError`.
 """
 
@@ -93,10 +93,9 @@ class ReinitConfig:
     """Stage 1c, zero reinitialization of the original weights.
 
     ``neuron_ratio`` (n): share of all ranked conv neurons taken, largest NWC
-    first; ``ceil(n * N)`` neurons, at least one. ``"auto"``: the pipeline
-    picks n with the clean-data rule of :mod:`defense_core.tsbd.choose_n`;
-    :func:`zero_reinit_` called directly with ``"auto"`` falls back to the
-    ranking-only outlier rule :func:`defense_core.tsbd.reinit.auto_neuron_ratio`.
+    first; ``ceil(n * N)`` neurons, at least one. ``"auto"``: n is chosen from the
+    clean data by the rule of :mod:`defense_core.tsbd.choose_n` (the pipeline does
+    this before stage 1c; :func:`zero_reinit_` itself refuses ``"auto"``).
     The default 0.05 comes from the paper's sweep; the quality benchmark
     (``bench/quality.py``) compares it with ``"auto"``.
 
@@ -106,8 +105,6 @@ class ReinitConfig:
 
     neuron_ratio: NeuronRatio = 0.05
     weight_ratio: float = 0.7
-    auto_min_ratio: float = 0.01   # bounds of the "auto" rule
-    auto_max_ratio: float = 0.3
 
     def __post_init__(self) -> None:
         if self.neuron_ratio != "auto":
@@ -119,8 +116,6 @@ class ReinitConfig:
             0.0 < self.weight_ratio <= 1.0
         ):
             raise ValueError(f"weight_ratio must be in (0, 1], got {self.weight_ratio!r}")
-        if not 0.0 < self.auto_min_ratio <= self.auto_max_ratio <= 1.0:
-            raise ValueError("auto ratio bounds must satisfy 0 < min <= max <= 1")
 
 
 @dataclass(frozen=True)

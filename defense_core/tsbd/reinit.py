@@ -18,9 +18,6 @@ from torch import nn
 from defense_core.tsbd.config import ReinitConfig
 from defense_core.tsbd.nwc import NeuronRanking
 
-# Robust z-score above which a neuron's NWC counts as an outlier in the "auto" rule.
-AUTO_OUTLIER_Z = 3.5
-
 
 @dataclass(frozen=True)
 class ReinitResult:
@@ -42,21 +39,6 @@ def share_count(ratio: float, total: int) -> int:
     """``ceil(ratio * total)`` clamped to ``[1, total]``; the product is rounded to
     9 decimals first so that e.g. 0.07 * 100 gives 7, not 8."""
     return min(total, max(1, math.ceil(round(ratio * total, 9))))
-
-
-def auto_neuron_ratio(ranking: NeuronRanking, config: ReinitConfig = ReinitConfig()) -> float:
-    """Pick n from the ranking alone: the share of neurons whose NWC is a robust
-    outlier (``(nwc - median) / (1.4826 * MAD) > 3.5``), clamped to
-    ``[auto_min_ratio, auto_max_ratio]``. Uses clean data only (the ranking
-    comes from unlearning on D)."""
-    scores = ranking.scores
-    median = scores.median()
-    mad = (scores - median).abs().median() * 1.4826
-    if float(mad) == 0.0:
-        share = 0.0
-    else:
-        share = float(((scores - median) / mad > AUTO_OUTLIER_Z).double().mean())
-    return min(config.auto_max_ratio, max(config.auto_min_ratio, share))
 
 
 def select_weights(
@@ -84,8 +66,15 @@ def select_weights(
 
 
 def zero_reinit_(model: nn.Module, ranking: NeuronRanking, config: ReinitConfig = ReinitConfig()) -> ReinitResult:
-    """Zero the selected weights of ``model`` (the original weights) in place."""
-    ratio = auto_neuron_ratio(ranking, config) if config.neuron_ratio == "auto" else float(config.neuron_ratio)
+    """Zero the selected weights of ``model`` (the original weights) in place.
+
+    ``config.neuron_ratio`` must be a number: ``"auto"`` is chosen from the clean data
+    (:func:`defense_core.tsbd.choose_n.choose_neuron_ratio`, as the pipeline does) and
+    refused here, so that "auto" means one rule."""
+    if config.neuron_ratio == "auto":
+        raise ValueError('neuron_ratio="auto" is chosen from the clean data: call '
+                         "defense_core.tsbd.choose_n.choose_neuron_ratio and pass the ratio it returns")
+    ratio = float(config.neuron_ratio)
     num_neurons = share_count(ratio, len(ranking))
     selection = select_weights(ranking, num_neurons=num_neurons, weight_ratio=config.weight_ratio)
     modules = dict(model.named_modules())

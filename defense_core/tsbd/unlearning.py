@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defense_core.device import CPU_FP32, Runtime
+from defense_core.device import CPU_FP32, DeviceRuntime
 from defense_core.errors import TrainingDivergedError
 from defense_core.imageset import ImageSet
 from defense_core.metrics import accuracy
@@ -51,7 +51,7 @@ def ascent_step(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    runtime: Runtime = CPU_FP32,
+    runtime: DeviceRuntime = CPU_FP32,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward/backward and optimizer step; returns (loss, correct count), 0-dim tensors."""
@@ -79,7 +79,7 @@ def unlearn_(
     batch_size: int = 256,
     eval_batch_size: int = 512,
     generator: torch.Generator,
-    runtime: Runtime = CPU_FP32,
+    runtime: DeviceRuntime = CPU_FP32,
     reporter: Reporter | None = None,
     cancel: CancelHook | None = None,
 ) -> UnlearnResult:

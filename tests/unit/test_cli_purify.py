@@ -66,10 +66,10 @@ def test_purify_json_document_on_stdout(files: dict[str, Path]) -> None:
 
 def test_purify_remembers_the_cpu_mode_in_the_user_cache(files: dict[str, Path], user_cache: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from defense_core import device as dev
+    from defense_core import cpu_mode, cpu_mode_cache
 
-    monkeypatch.setattr(dev, "_PROCESS_CACHES", {})  # as if in a new process
-    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
+    monkeypatch.setattr(cpu_mode_cache, "_PROCESS_CACHES", {})  # as if in a new process
+    monkeypatch.setattr(cpu_mode, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
     # in this process, so the timing can be replaced (a contained run times for real: below)
     args = ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, "--device", "cpu", "--no-contain"]
     first = CliRunner().invoke(app, args)
@@ -77,8 +77,8 @@ def test_purify_remembers_the_cpu_mode_in_the_user_cache(files: dict[str, Path],
     stored = json.loads((user_cache / "cleanroom" / "cpu-modes.json").read_text())
     assert list(stored.values()) == ["channels_last"]
     # the next run (another process) takes the stored choice instead of timing again
-    monkeypatch.setattr(dev, "_PROCESS_CACHES", {})
-    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(cpu_mode_cache, "_PROCESS_CACHES", {})
+    monkeypatch.setattr(cpu_mode, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
 

@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 
-from defense_core import device as dev
-from defense_core.device import DeviceOptions, choose_cpu_mode, make_runtime, mode_pays
+from defense_core import cpu_mode, cpu_mode_cache
+from defense_core.cpu_mode import choose_cpu_mode, mode_pays
+from defense_core.device import DeviceOptions, make_runtime
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec
 
@@ -46,11 +47,11 @@ def test_bf16_only_when_clearly_faster() -> None:
 @pytest.fixture(autouse=True)
 def fresh_mode_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with no remembered CPU mode choices."""
-    monkeypatch.setattr(dev, "_PROCESS_CACHES", {})
+    monkeypatch.setattr(cpu_mode_cache, "_PROCESS_CACHES", {})
 
 
 def test_explicit_choice_wins_and_unset_without_a_model_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(cpu_mode, "cpu_supports_bf16", lambda: True)
     model = create_model(SPEC)
     assert make_runtime(DeviceOptions(device="cpu", cpu_bf16=True)).autocast_dtype == torch.bfloat16
     assert make_runtime(DeviceOptions(device="cpu", cpu_bf16=False), model=model,
@@ -62,7 +63,7 @@ def test_explicit_choice_wins_and_unset_without_a_model_is_fp32(monkeypatch: pyt
         called.append((shape, bf16, channels_last))
         return "channels_last+bf16", {}
 
-    monkeypatch.setattr(dev, "choose_cpu_mode", fake_choice)
+    monkeypatch.setattr(cpu_mode, "choose_cpu_mode", fake_choice)
     runtime = make_runtime(DeviceOptions(device="cpu"), model=model, input_shape=(1, 16, 16))
     assert called == [((1, 16, 16), None, None)]
     assert runtime.autocast_dtype == torch.bfloat16 and runtime.channels_last
@@ -77,7 +78,7 @@ def test_explicit_choice_wins_and_unset_without_a_model_is_fp32(monkeypatch: pyt
 
 def test_modes_respect_pins_and_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
     model = create_model(SPEC)
-    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(cpu_mode, "cpu_supports_bf16", lambda: False)
     _, times = choose_cpu_mode(model, (1, 16, 16))
     assert set(times) == {"fp32", "channels_last"}       # no bf16 timing without native bf16
     mode, times = choose_cpu_mode(model, (1, 16, 16), channels_last=False)
@@ -93,7 +94,7 @@ def test_cpu_mode_is_timed_once_per_workload(monkeypatch: pytest.MonkeyPatch) ->
         calls.append(shape)
         return next(answers), {"fp32": 0.1}
 
-    monkeypatch.setattr(dev, "choose_cpu_mode", flaky_choice)
+    monkeypatch.setattr(cpu_mode, "choose_cpu_mode", flaky_choice)
     first = make_runtime(DeviceOptions(device="cpu"), model=model, input_shape=(1, 16, 16))
     again = make_runtime(DeviceOptions(device="cpu"), model=create_model(SPEC), input_shape=(1, 16, 16))
     assert first.channels_last and again == first and calls == [(1, 16, 16)]
@@ -105,12 +106,12 @@ def test_cpu_mode_is_timed_once_per_workload(monkeypatch: pytest.MonkeyPatch) ->
 def test_cpu_mode_choice_is_shared_through_the_cache_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "modes" / "cpu-modes.json"
     model = create_model(SPEC)
-    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
-    mode, times = dev.remembered_cpu_mode(model, (1, 16, 16), cache=dev.CpuModeCache(path))
+    monkeypatch.setattr(cpu_mode, "choose_cpu_mode", lambda *a, **k: ("channels_last", {"fp32": 0.1}))
+    mode, times = cpu_mode_cache.remembered_cpu_mode(model, (1, 16, 16), cache=cpu_mode_cache.CpuModeCache(path))
     assert mode == "channels_last" and times
     # a new process (a fresh cache on the same file) reuses it without timing
-    monkeypatch.setattr(dev, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
-    assert dev.remembered_cpu_mode(model, (1, 16, 16), cache=dev.CpuModeCache(path)) == ("channels_last", {})
+    monkeypatch.setattr(cpu_mode, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
+    assert cpu_mode_cache.remembered_cpu_mode(model, (1, 16, 16), cache=cpu_mode_cache.CpuModeCache(path)) == ("channels_last", {})
     runtime = make_runtime(DeviceOptions(device="cpu", mode_cache=str(path)), model=model, input_shape=(1, 16, 16))
     assert runtime.channels_last
 
@@ -119,19 +120,19 @@ def test_cpu_mode_cache_file_that_is_not_ours_counts_as_empty(tmp_path) -> None:
     path = tmp_path / "cpu-modes.json"
     for text in ("not json", "[1, 2]", '{"k": "turbo"}'):
         path.write_text(text)
-        cache = dev.CpuModeCache(path)
+        cache = cpu_mode_cache.CpuModeCache(path)
         assert cache.get("k") is None
         assert cache.put("k", "fp32") == "fp32"
-        assert dev.CpuModeCache(path).get("k") == "fp32"
+        assert cpu_mode_cache.CpuModeCache(path).get("k") == "fp32"
 
 
 def test_cpu_mode_cache_is_bounded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dev.CpuModeCache, "MAX_ENTRIES", 3)
-    cache = dev.CpuModeCache(tmp_path / "cpu-modes.json")
+    monkeypatch.setattr(cpu_mode_cache.CpuModeCache, "MAX_ENTRIES", 3)
+    cache = cpu_mode_cache.CpuModeCache(tmp_path / "cpu-modes.json")
     for i in range(5):
         cache.put(f"k{i}", "fp32")
     assert len(cache._memory) == 3 and cache.get("k4") == "fp32"
-    assert sorted(dev.CpuModeCache(tmp_path / "cpu-modes.json")._read_file()) == ["k2", "k3", "k4"]
+    assert sorted(cpu_mode_cache.CpuModeCache(tmp_path / "cpu-modes.json")._read_file()) == ["k2", "k3", "k4"]
 
 
 def test_cpu_mode_stored_by_another_process_meanwhile_wins(tmp_path) -> None:
@@ -141,7 +142,7 @@ def test_cpu_mode_stored_by_another_process_meanwhile_wins(tmp_path) -> None:
     # another process holds the file while it stores the choice it timed for the same workload
     with open(tmp_path / "cpu-modes.json.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        storing = threading.Thread(target=lambda: result.append(dev.CpuModeCache(path).put("k", "fp32")))
+        storing = threading.Thread(target=lambda: result.append(cpu_mode_cache.CpuModeCache(path).put("k", "fp32")))
         storing.start()
         storing.join(0.3)
         assert storing.is_alive() and not result  # waits instead of writing its own choice
@@ -149,10 +150,10 @@ def test_cpu_mode_stored_by_another_process_meanwhile_wins(tmp_path) -> None:
         fcntl.flock(lock, fcntl.LOCK_UN)
     storing.join(10)
     assert result == ["channels_last"]
-    assert dev.CpuModeCache(path).get("k") == "channels_last"
+    assert cpu_mode_cache.CpuModeCache(path).get("k") == "channels_last"
 
 
 def test_cpu_mode_cache_that_cannot_be_written_still_answers(tmp_path) -> None:
     (tmp_path / "not-a-dir").write_text("")
-    cache = dev.CpuModeCache(tmp_path / "not-a-dir" / "cpu-modes.json")  # neither lock nor file can be made
+    cache = cpu_mode_cache.CpuModeCache(tmp_path / "not-a-dir" / "cpu-modes.json")  # neither lock nor file can be made
     assert cache.put("k", "bf16") == "bf16" and cache.get("k") == "bf16"

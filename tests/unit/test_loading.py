@@ -312,7 +312,7 @@ def test_exported_model_loads_only_when_declared(tmp_path: Path, model: torch.nn
 @pytest.mark.parametrize("export_mode", ["eval", "train"])
 def test_exported_model_trains_and_evaluates_like_the_eager_one(tmp_path: Path, model: torch.nn.Module,
                                                                  export_mode: str) -> None:
-    from defense_core.pipeline import copy_model
+    from defense_core.defenses.run import copy_model
     from defense_core.tsbd.aft import _tracked_batchnorms
     from defense_core.tsbd.nwc import ranked_conv_layers
 
@@ -396,7 +396,8 @@ def test_inspection_runs_a_normalized_random_batch(tmp_path: Path) -> None:
 def test_exported_model_is_purified_like_the_eager_one_and_saves_as_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from defense_core.pipeline import PurifyConfig, purify
+    from defense_core.jobs.params import PurifyConfig
+    from defense_core.pipeline import purify
     from tests.unit.tsbd_fixtures import SPEC as TINY_SPEC
     from tests.unit.tsbd_fixtures import TinyNet, quadrant_set, trained_tiny
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import defense_core.pipeline as pipeline_module
-from defense_core.device import Runtime
+from defense_core.device import DeviceRuntime
 from defense_core.errors import Cancelled, DatasetError, InputError
 from defense_core.imageset import ImageSet
 from defense_core.metrics import evaluate
-from defense_core.pipeline import PurifyConfig, available_defenses, purify
+from defense_core.defenses import available_defenses
+from defense_core.jobs.params import PurifyConfig
+from defense_core.pipeline import purify
 from defense_core.progress import STAGES
 from tests.unit.tsbd_fixtures import SPEC, TinyNet, quadrant_set, single_thread, trained_tiny  # noqa: F401
 
@@ -141,7 +143,7 @@ def test_metrics_are_measured_in_full_precision_when_training_runs_under_autocas
     # bf16 autocast forced for this job whatever the CPU; the reported metrics must
     # still be those of the full-precision model (what a user deploys).
     monkeypatch.setattr(pipeline_module, "make_runtime",
-                        lambda *args, **kwargs: Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
+                        lambda *args, **kwargs: DeviceRuntime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
     probe = _AutocastProbe()
     probe.load_state_dict(_model().state_dict())
     _AutocastProbe.seen.clear()
@@ -176,7 +178,7 @@ def test_invalid_params_raise_input_error(params) -> None:
 
 
 def test_noise_blends_are_on_for_tsbd_and_off_for_the_ft_baseline_unless_given() -> None:
-    from defense_core.pipeline import DEFAULT_NOISE_BLEND
+    from defense_core.jobs.params import DEFAULT_NOISE_BLEND
     from defense_core.tsbd.config import AFTConfig
 
     assert AFTConfig().noise_blend == 0.0  # the paper's stage 2 as a library default
@@ -263,7 +265,7 @@ def test_sweep_keeps_the_n_with_the_best_der_and_equals_that_single_run() -> Non
 def test_sweep_needs_test_and_poisoned_data_and_valid_values() -> None:
     with pytest.raises(InputError, match="needs a test set and poisoned data"):
         _run({"neuron_ratio": "sweep"}, test=quadrant_set(20, seed=2))
-    from defense_core.pipeline import SWEEP_RATIOS
+    from defense_core.jobs.params import SWEEP_RATIOS
 
     assert PurifyConfig.from_params({"neuron_ratio": "sweep"}).sweep == SWEEP_RATIOS
     cfg = PurifyConfig.from_params({"neuron_ratio": [0.2, 0.1]})

@@ -7,7 +7,7 @@ import torch
 
 from defense_core.tsbd.config import ReinitConfig
 from defense_core.tsbd.nwc import NeuronRanking, rank_neurons
-from defense_core.tsbd.reinit import auto_neuron_ratio, share_count, zero_reinit_
+from defense_core.tsbd.reinit import share_count, zero_reinit_
 from tests.unit.tsbd_fixtures import hand_built_pair, single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -70,12 +70,10 @@ def _ranking_from_scores(scores: list[float]) -> NeuronRanking:
     )
 
 
-def test_auto_neuron_ratio_counts_robust_outliers() -> None:
-    ranking = _ranking_from_scores([float(v) for v in range(1, 96)] + [1000.0] * 5)
-    assert auto_neuron_ratio(ranking, ReinitConfig(neuron_ratio="auto")) == pytest.approx(0.05)
-    # No outliers -> the lower bound.
-    flat = _ranking_from_scores([float(v) for v in range(1, 101)])
-    assert auto_neuron_ratio(flat, ReinitConfig(neuron_ratio="auto", auto_min_ratio=0.02)) == 0.02
+def test_zero_reinit_refuses_auto_which_is_chosen_from_the_clean_data() -> None:
+    ranking = _ranking_from_scores([float(v) for v in range(1, 101)])
+    with pytest.raises(ValueError, match="choose_neuron_ratio"):
+        zero_reinit_(torch.nn.Sequential(), ranking, ReinitConfig(neuron_ratio="auto"))
 
 
 def test_reinit_config_validation() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from api.core import queue
 from api.core.settings import Settings
-from worker.runtime import Runtime, choose_runtime
+from worker.runtime import WorkerDevice, choose_runtime
 
 
 def test_redis_config_is_json_only_late_acked_and_outlives_the_longest_job(tmp_path):
@@ -66,10 +66,10 @@ def test_enqueue_sends_the_job_id_by_task_name_as_json(tmp_path):
 @pytest.mark.parametrize(
     ("gpus", "cores", "concurrency", "index", "expected"),
     [
-        (0, 2, 1, 0, Runtime("cpu", 2, False)),
-        (0, 8, 3, 2, Runtime("cpu", 2, False)),   # 8 cores // 3 processes
-        (0, 1, 4, 0, Runtime("cpu", 1, False)),   # never fewer than one thread
-        (2, 16, 4, 3, Runtime("cuda:1", 4, True)),  # process 3 -> GPU 3 mod 2
+        (0, 2, 1, 0, WorkerDevice("cpu", 2, False)),
+        (0, 8, 3, 2, WorkerDevice("cpu", 2, False)),   # 8 cores // 3 processes
+        (0, 1, 4, 0, WorkerDevice("cpu", 1, False)),   # never fewer than one thread
+        (2, 16, 4, 3, WorkerDevice("cuda:1", 4, True)),  # process 3 -> GPU 3 mod 2
     ],
 )
 def test_runtime_splits_devices_and_cores_between_pool_processes(gpus, cores, concurrency, index, expected):
@@ -78,6 +78,6 @@ def test_runtime_splits_devices_and_cores_between_pool_processes(gpus, cores, co
 
 def test_runtime_rejects_nonsense():
     with pytest.raises(ValueError):
-        Runtime("tpu", 1, False)
+        WorkerDevice("tpu", 1, False)
     with pytest.raises(ValueError):
         choose_runtime(process_index=0, concurrency=0, cuda_devices=0, cores=1)

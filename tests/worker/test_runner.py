@@ -23,7 +23,7 @@ from api.core.services.runs import ReapPolicy
 from api.core.store import LocalStore
 from worker.reaper import ReaperConfig, reap_once
 from worker.runner import JobRunner, owner_alive
-from worker.runtime import Runtime
+from worker.runtime import WorkerDevice
 
 pytestmark = pytest.mark.postgres
 
@@ -36,7 +36,7 @@ def _settings(tmp_path: Path, database_url: str) -> Settings:
 
 def _runner(settings: Settings, factory: sessionmaker[Session], store: object) -> JobRunner:
     return JobRunner(settings=settings, session_factory=factory, store=store,
-                     runtime=Runtime("cpu", 1, False), worker="test-host:1")
+                     runtime=WorkerDevice("cpu", 1, False), worker="test-host:1")
 
 
 def _put_inputs(factory: sessionmaker[Session], store: LocalStore, job_id: uuid.UUID, *, model_bytes: bytes) -> None:

@@ -18,7 +18,7 @@ from api.core.models import Artifact, Job
 from tests.api.conftest import Api, api_factory, npz_bytes  # noqa: F401  (api_factory: a fixture)
 from tests.hostile_models import SPEC, Benign, Looper, scripted_bytes
 from worker.runner import JobRunner
-from worker.runtime import Runtime
+from worker.runtime import WorkerDevice
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _looping_job(api: Api) -> uuid.UUID:
 
 def _runner(api: Api) -> JobRunner:
     return JobRunner(settings=api.settings, session_factory=api.app.state.session_factory,
-                     store=api.app.state.store, runtime=Runtime(device="cpu", threads=1, amp=False))
+                     store=api.app.state.store, runtime=WorkerDevice(device="cpu", threads=1, amp=False))
 
 
 def _children() -> set[int]:

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 100
-DEFENSES = ("tsbd", "ft")
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -245,19 +244,34 @@ def _enqueue_after_commit(*, session: Session, queue: TaskQueue, job: Job) -> No
     job.task_id = task_id
 
 
+def _purify_request(request: JobRequest) -> Any:
+    """The engine's request for this job (its rules: :mod:`defense_core.jobs.request`)."""
+    from defense_core.jobs.request import PurifyRequest
+
+    return PurifyRequest(model=request.model_id, clean=request.clean_dataset_id,
+                         test=request.test_dataset_id, poisoned=request.poisoned_dataset_id,
+                         trigger=request.trigger, defense=request.defense, params=request.params)
+
+
+def _field_names() -> Any:
+    """How the engine's messages name the inputs: the fields of the request body."""
+    from defense_core.jobs.request import InputNames
+
+    return InputNames(test="test_dataset_id", poisoned="poisoned_dataset_id", trigger="trigger",
+                      poisoned_data="poisoned_dataset_id or trigger")
+
+
 def _validate(*, session: Session, org_id: uuid.UUID, request: JobRequest) -> None:
-    if request.defense not in DEFENSES:
-        raise RejectedInput(f"defense must be one of {list(DEFENSES)}, got {request.defense!r}",
-                            slug="invalid-defense")
-    if request.poisoned_dataset_id is not None and request.trigger is not None:
-        raise RejectedInput(
-            "give either poisoned_dataset_id or trigger, not both", slug="conflicting-inputs"
-        )
-    if request.trigger is not None and request.test_dataset_id is None:
-        raise RejectedInput(
-            "a trigger is applied to the test set: test_dataset_id is required with trigger",
-            slug="missing-test-dataset",
-        )
+    """The engine's rules (:meth:`PurifyRequest.validate`) and the checks that need the
+    database: the artifacts exist, belong to the organization and fit the model."""
+    import dataclasses
+
+    names = _field_names()
+    engine_request = _purify_request(request)
+    try:  # what needs no model spec first: a malformed request reads nothing
+        engine_request.check_inputs(names=names)
+    except InputError as exc:
+        raise from_input_error(exc) from None
 
     model = artifact_service.get(
         session=session, org_id=org_id, artifact_id=request.model_id, what="model",
@@ -282,16 +296,10 @@ def _validate(*, session: Session, org_id: uuid.UUID, request: JobRequest) -> No
         )
         _check_dataset(dataset, field_name=field_name, role=role, spec=spec)
 
-    if request.trigger is not None:
-        _check_trigger(request.trigger, spec=spec)
-    config = _check_params(request.defense, request.params)
-    if config.sweep and (request.test_dataset_id is None
-                         or (request.poisoned_dataset_id is None and request.trigger is None)):
-        raise RejectedInput(
-            "params.neuron_ratio: a sweep chooses n by DER, so it needs test_dataset_id and "
-            "poisoned_dataset_id or trigger",
-            slug="sweep-needs-poisoned-data",
-        )
+    try:
+        dataclasses.replace(engine_request, spec=spec).validate(names=names)
+    except InputError as exc:
+        raise from_input_error(exc) from None
 
 
 def _check_dataset(dataset: Artifact, *, field_name: str, role: DatasetRole,
@@ -334,47 +342,13 @@ def _check_dataset(dataset: Artifact, *, field_name: str, role: DatasetRole,
 
 
 def _check_trigger(trigger: dict[str, Any], *, spec: dict[str, Any]) -> None:
-    from defense_core.attacks import TriggerSpec
+    """The engine's trigger rules against the model spec, as a problem."""
+    from defense_core.jobs.request import check_trigger
 
     try:
-        parsed = TriggerSpec.from_dict(trigger)
+        check_trigger(trigger, spec=spec)
     except InputError as exc:
-        raise from_input_error(exc, where="trigger") from None
-    target = getattr(parsed, "target", trigger.get("target"))
-    if isinstance(target, int) and not 0 <= target < int(spec["num_classes"]):
-        raise RejectedInput(
-            f"trigger.target {target} is outside [0, {int(spec['num_classes']) - 1}]",
-            slug="label-out-of-range",
-        )
-    _check_trigger_fits(parsed, spec)
-
-
-def _check_trigger_fits(parsed: Any, spec: dict[str, Any]) -> None:
-    """Apply the trigger to one blank image of the model's input shape (a pattern of the wrong depth fails here)."""
-    import torch
-
-    from defense_core.attacks import apply_trigger
-
-    try:
-        height, width = (int(v) for v in spec["input_size"])
-        blank = torch.zeros(1, int(spec["in_channels"]), height, width, dtype=torch.uint8)
-    except (KeyError, TypeError, ValueError):
-        return  # a spec without a usable input shape: the worker checks against the test images
-    try:
-        apply_trigger(blank, parsed)
-    except InputError as exc:
-        raise from_input_error(exc, where="trigger") from None
-
-
-def _check_params(defense: str, params: dict[str, Any]) -> Any:
-    from defense_core.pipeline import PurifyConfig
-
-    try:
-        return PurifyConfig.from_params(params, defense=defense)
-    except InputError as exc:
-        raise from_input_error(exc, where="params") from None
-    except (TypeError, ValueError) as exc:  # a value of an unexpected JSON type
-        raise RejectedInput(f"params: {exc}", slug="invalid-input") from None
+        raise from_input_error(exc) from None
 
 
 # -- reading ---------------------------------------------------------------------------------
