@@ -10,7 +10,6 @@ torch's deserializer, without sample inputs.
 
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from defense_core.loading.formats import (
     MAX_TENSORS,
     UNSAFE_HINT,
     check_declared_size,
+    parse_json,
 )
 
 MAX_PROGRAM_JSON_BYTES = 256 * 1024**2
@@ -128,10 +128,7 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
 
 
 def _read_json(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> Any:
-    try:
-        return json.loads(_read(zf, info, limit))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelLoadError(f"{info.filename} is not valid JSON: {exc}") from exc
+    return parse_json(_read(zf, info, limit), info.filename)
 
 
 def _read_payloads(

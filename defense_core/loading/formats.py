@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,11 +19,13 @@ DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own cap
 MAX_TENSORS = 100_000
 MAX_ZIP_MEMBERS = 200_000
+
 SAFETENSORS = "safetensors"
 STATE_DICT = "state_dict"
 TORCHSCRIPT = TORCHSCRIPT_ARCH
 TORCH_EXPORT = TORCH_EXPORT_ARCH
 CODE_FORMATS = (TORCHSCRIPT, TORCH_EXPORT)
+
 _ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6, non-zip) torch.save files open with this pickled magic number.
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -91,6 +95,14 @@ def check_declared_size(infos: Iterable[zipfile.ZipInfo], max_bytes: int) -> Non
         raise TooLargeError(
             f"the model archive expands to {declared} bytes; the limit is {max_bytes}"
         )
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """A JSON document of the file (a header, a config); nesting too deep is invalid too."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{what} is not valid JSON: {exc}") from exc
 
 
 def check_size(path: Path, max_bytes: int) -> None:

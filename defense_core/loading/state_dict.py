@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -27,6 +26,7 @@ from defense_core.loading.formats import (
     check_declared_size,
     check_size,
     declare_arch_error,
+    parse_json,
     sniff_model_format,
 )
 
@@ -61,10 +61,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         if header_len > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
             raise ModelLoadError(f"safetensors header of {header_len} bytes does not fit the file")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ModelLoadError(f"safetensors header is not valid JSON: {exc}") from exc
+        header = parse_json(fh.read(header_len), "safetensors header")
     if not isinstance(header, dict):
         raise ModelLoadError("safetensors header must be a JSON object")
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
