@@ -213,6 +213,6 @@ def sandbox_check() -> None:
 def _child_env_names() -> frozenset[str]:
     """The names a child's environment may hold: what the supervisor passes, and TMPDIR."""
     from defense_core.sandbox import child_env
-    from defense_core.sandbox.supervisor import PASSED_ENV
+    from defense_core.sandbox.limits import PASSED_ENV
 
     return frozenset(child_env(1)) | frozenset(PASSED_ENV) | {"TMPDIR", "LC_CTYPE"}

@@ -9,17 +9,16 @@ or when its parent dies. See :mod:`defense_core.sandbox.confine` for what is
 enforced on which kernels.
 """
 
-from defense_core.sandbox.supervisor import (
+from defense_core.sandbox.limits import (
     ChildFailed,
     ChildInputError,
-    ChildPool,
     ContainedResult,
     Limits,
     ResourceLimitError,
     child_env,
-    run_contained,
-    shared_pool,
 )
+from defense_core.sandbox.pool import ChildPool, shared_pool
+from defense_core.sandbox.supervisor import run_contained
 
 __all__ = [
     "ChildFailed",

@@ -15,7 +15,7 @@ import pytest
 from defense_core.errors import Cancelled
 from defense_core.sandbox import ChildPool, Limits, ResourceLimitError, run_contained
 from defense_core.sandbox.confine import landlock_abi
-from defense_core.sandbox.supervisor import PASSED_ENV
+from defense_core.sandbox.limits import PASSED_ENV
 
 LANDLOCK = landlock_abi()
 needs_landlock = pytest.mark.skipif(LANDLOCK < 1, reason="this kernel offers no Landlock")
