@@ -38,7 +38,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -332,7 +331,7 @@ def run(cases: list[Case], args: argparse.Namespace) -> Run:
                 settle(api)
                 serving = still_serving(client)
                 after = Usage.of(api)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Run(rows=rows, cold=cold, before=before, after=after, spare_mib=spare,
                serving=serving, date=date)
 

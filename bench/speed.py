@@ -23,14 +23,13 @@ Prints tables and writes ``bench/results/speed.md``. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,8 @@ from bench.common import CACHE_DIR, cache_key, machine_info, mnist_split
 from defense_core.cpu_mode import BF16_MIN_SPEEDUP, CALIBRATION_BATCH, choose_cpu_mode, cpu_supports_bf16
 from defense_core.device import DeviceOptions, DeviceRuntime, make_runtime, set_threads
 from defense_core.imageset import ImageSet
-from defense_core.metrics import predict
 from defense_core.jobs.params import PurifyConfig
+from defense_core.metrics import predict
 from defense_core.pipeline import purify
 from defense_core.registry import create_model
 from defense_core.spec import ModelSpec

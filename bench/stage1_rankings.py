@@ -31,8 +31,8 @@ import torch
 from bench.common import mnist_split
 from bench.quality import ATTACKS, EXTRA_ATTACKS, TRAIN_CONFIG, attack_trigger, get_model, model_spec
 from defense_core.attacks import make_poisoned_test_set
-from defense_core.metrics import evaluate, predict
 from defense_core.jobs.params import PurifyConfig
+from defense_core.metrics import evaluate, predict
 from defense_core.transforms import Normalizer
 from defense_core.tsbd.nwc import NeuronRanking, rank_neurons
 from defense_core.tsbd.reinit import zero_reinit_

@@ -14,7 +14,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from cli import purify, admin, serve, submit  # each module adds its commands to `app`
+    from cli import admin, purify, serve, submit  # each module adds its commands to `app`
 
     for module in (purify, admin, serve, submit):
         module.register(app)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -187,36 +188,52 @@ def purify_command(
     spec: Annotated[Path, typer.Option(help="Model spec JSON: arch, num_classes, in_channels, input_size, mean, std.")],
     clean: Annotated[Path, typer.Option(help="Clean defense data: NPZ or ImageFolder zip/tar.gz.")],
     out: Annotated[Path, typer.Option(help="Where to write the purified model (safetensors).")],
-    test: Annotated[Optional[Path], typer.Option(help="Clean test set, for clean accuracy.")] = None,
-    poisoned: Annotated[Optional[Path], typer.Option(help="Poisoned test NPZ (x, y, target), for ASR/RA.")] = None,
-    trigger: Annotated[Optional[Path], typer.Option(help="Trigger spec JSON, applied to --test, instead of --poisoned.")] = None,
+    test: Annotated[Path | None, typer.Option(help="Clean test set, for clean accuracy.")] = None,
+    poisoned: Annotated[Path | None, typer.Option(help="Poisoned test NPZ (x, y, target), for ASR/RA.")] = None,
+    trigger: Annotated[Path | None, typer.Option(help=(
+        "Trigger spec JSON, applied to --test, instead of --poisoned."))] = None,
     defense: Annotated[str, typer.Option(help="tsbd | ft")] = "tsbd",
-    neuron_ratio: Annotated[Optional[str], typer.Option(help="n, share of neurons reinitialized; 'auto' (chosen from clean data); 'sweep' or a comma-separated list such as 0.05,0.1,0.2 (each n run, the best DER on --test and --poisoned/--trigger kept).")] = None,
-    weight_ratio: Annotated[Optional[float], typer.Option(help="m, share of their weights zeroed.")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="AFT mix of the perturbed gradient.")] = None,
-    rho: Annotated[Optional[float], typer.Option(help="AFT perturbation radius r.")] = None,
-    perturb_norm: Annotated[Optional[str], typer.Option(help="tensor | global")] = None,
-    ft_epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs.")] = None,
-    ft_min_steps: Annotated[Optional[int], typer.Option(help="Minimum fine-tuning steps.")] = None,
-    ft_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate.")] = None,
-    ft_noise_blend: Annotated[Optional[float], typer.Option(help="Share of fine-tuning images blended with fresh random noise (weight 0.1-0.3, labels kept), against blended triggers; default 0.5 with TSBD, 0 with --defense ft; 0 gives the paper's fine-tuning exactly.")] = None,
-    unlearn_lr: Annotated[Optional[float], typer.Option(help="Clean-unlearning learning rate.")] = None,
-    unlearn_max_epochs: Annotated[Optional[int], typer.Option(help="Clean-unlearning epoch cap.")] = None,
-    unlearn_max_steps: Annotated[Optional[int], typer.Option(help="Clean-unlearning step cap.")] = None,
-    stop_acc: Annotated[Optional[float], typer.Option(help="Unlearning stop accuracy (default 1/K).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size.")] = None,
-    crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop padding (0: off).")] = None,
-    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda[:N] (default: CUDA if available).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads.")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="CPU bf16 autocast (default: chosen by timing a training step of the model; see --channels-last).")] = None,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format (default on CPU: chosen by timing a training step of the model in each mode; bf16 must be >= 1.5x and channels-last alone >= 1.1x faster than fp32).")] = None,
-    cpu_mode_cache: Annotated[Optional[Path], typer.Option(help="JSON file that remembers the timed CPU mode per model architecture and input shape, so repeated runs on this machine compute the same way (default: $XDG_CACHE_HOME/cleanroom/cpu-modes.json, else ~/.cache/...).")] = None,
+    neuron_ratio: Annotated[str | None, typer.Option(help=(
+        "n, share of neurons reinitialized; 'auto' (chosen from clean data); 'sweep' or a comma-separated list such "
+        "as 0.05,0.1,0.2 (each n run, the best DER on --test and --poisoned/--trigger kept)."))] = None,
+    weight_ratio: Annotated[float | None, typer.Option(help="m, share of their weights zeroed.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="AFT mix of the perturbed gradient.")] = None,
+    rho: Annotated[float | None, typer.Option(help="AFT perturbation radius r.")] = None,
+    perturb_norm: Annotated[str | None, typer.Option(help="tensor | global")] = None,
+    ft_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs.")] = None,
+    ft_min_steps: Annotated[int | None, typer.Option(help="Minimum fine-tuning steps.")] = None,
+    ft_lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate.")] = None,
+    ft_noise_blend: Annotated[float | None, typer.Option(help=(
+        "Share of fine-tuning images blended with fresh random noise (weight 0.1-0.3, labels kept), against blended "
+        "triggers; default 0.5 with TSBD, 0 with --defense ft; 0 gives the paper's fine-tuning exactly."))] = None,
+    unlearn_lr: Annotated[float | None, typer.Option(help="Clean-unlearning learning rate.")] = None,
+    unlearn_max_epochs: Annotated[int | None, typer.Option(help="Clean-unlearning epoch cap.")] = None,
+    unlearn_max_steps: Annotated[int | None, typer.Option(help="Clean-unlearning step cap.")] = None,
+    stop_acc: Annotated[float | None, typer.Option(help="Unlearning stop accuracy (default 1/K).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
+    crop_padding: Annotated[int | None, typer.Option(help="Random-crop padding (0: off).")] = None,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda[:N] (default: CUDA if available).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help=(
+        "CPU bf16 autocast (default: chosen by timing a training step of the model; see --channels-last)."))] = None,
+    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help=(
+        "Channels-last memory format (default on CPU: chosen by timing a training step of the model in each mode; "
+        "bf16 must be >= 1.5x and channels-last alone >= 1.1x faster than fp32)."))] = None,
+    cpu_mode_cache: Annotated[Path | None, typer.Option(help=(
+        "JSON file that remembers the timed CPU mode per model architecture and input shape, so repeated runs on "
+        "this machine compute the same way (default: $XDG_CACHE_HOME/cleanroom/cpu-modes.json, else "
+        "~/.cache/...)."))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the Result document on stdout.")] = False,
-    contain: Annotated[bool, typer.Option("--contain/--no-contain", help="Run the model in a contained child process (no access to your files beyond copies of the inputs, no network, memory and time bounds), as the service does. --no-contain runs it in this process: only for model files you trust.")] = True,
-    memory_limit_gib: Annotated[Optional[float], typer.Option("--memory-limit-gib", help="Memory bound of the contained run (default: 80% of this machine's memory).")] = None,
-    time_limit_s: Annotated[Optional[float], typer.Option("--time-limit-s", help="Wall-clock bound of the contained run, in seconds (default: 24 h).")] = None,
+    contain: Annotated[bool, typer.Option("--contain/--no-contain", help=(
+        "Run the model in a contained child process (no access to your files beyond copies of the inputs, no network, "
+        "memory and time bounds), as the service does. --no-contain runs it in this process: only for model files you "
+        "trust."))] = True,
+    memory_limit_gib: Annotated[float | None, typer.Option("--memory-limit-gib", help=(
+        "Memory bound of the contained run (default: 80% of this machine's memory)."))] = None,
+    time_limit_s: Annotated[float | None, typer.Option("--time-limit-s", help=(
+        "Wall-clock bound of the contained run, in seconds (default: 24 h)."))] = None,
 ) -> None:
     from rich.console import Console
 

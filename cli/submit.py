@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import typer
 
@@ -176,14 +177,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command("submit")
     def submit_command(
-        model: Path = typer.Option(..., exists=True, dir_okay=False, help="Model file (safetensors / state dict / TorchScript)."),
+        model: Path = typer.Option(..., exists=True, dir_okay=False, help=(
+            "Model file (safetensors / state dict / TorchScript).")),
         spec: Path = typer.Option(..., exists=True, dir_okay=False, help="Model spec JSON."),
         clean: Path = typer.Option(..., exists=True, dir_okay=False, help="Clean defense data (NPZ or archive)."),
         api: str = typer.Option("http://127.0.0.1:8000", envvar="CLEANROOM_API_URL", help="API base URL."),
         key: str = typer.Option(..., envvar="CLEANROOM_API_KEY", help="API key (or CLEANROOM_API_KEY)."),
         test: Path | None = typer.Option(None, exists=True, dir_okay=False, help="Clean test data (CA)."),
         poisoned: Path | None = typer.Option(None, exists=True, dir_okay=False, help="Poisoned test data (ASR)."),
-        trigger: Path | None = typer.Option(None, exists=True, dir_okay=False, help="Trigger spec JSON (instead of --poisoned)."),
+        trigger: Path | None = typer.Option(None, exists=True, dir_okay=False, help=(
+            "Trigger spec JSON (instead of --poisoned).")),
         defense: str = typer.Option("tsbd", help="tsbd or ft."),
         param: list[str] = typer.Option([], "--param", help="Defense parameter key=value (repeatable)."),
         idempotency_key: str | None = typer.Option(None, help="Idempotency-Key of the job creation."),

@@ -37,7 +37,7 @@ class ImageSet:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, index: torch.Tensor) -> "ImageSet":
+    def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(
             x=self.x[index],
             y=self.y[index],
@@ -60,4 +60,5 @@ class ImageSet:
         if self.target is not None:
             tlo, thi = int(self.target.min()), int(self.target.max())
             if tlo < 0 or thi >= spec.num_classes:
-                raise DatasetError(f"{what}: target labels must be in [0, {spec.num_classes - 1}], found [{tlo}, {thi}]")
+                raise DatasetError(
+                    f"{what}: target labels must be in [0, {spec.num_classes - 1}], found [{tlo}, {thi}]")

@@ -4,8 +4,8 @@ definitions), plus DER and fidelity computed from two stages' metrics."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -7,7 +7,8 @@ plugs in a progress bar, the worker a reporter that writes job events.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from defense_core.errors import Cancelled
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from defense_core.errors import InputError
 
@@ -45,7 +46,9 @@ class ModelSpec:
             raise InputError(f"spec.in_channels must be 1 or 3, got {self.in_channels!r}")
         size = tuple(self.input_size)
         if len(size) != 2 or not all(isinstance(s, int) and 8 <= s <= MAX_INPUT_SIDE for s in size):
-            raise InputError(f"spec.input_size must be [height, width] with sides in [8, {MAX_INPUT_SIDE}], got {self.input_size!r}")
+            raise InputError(
+                f"spec.input_size must be [height, width] with sides in [8, {MAX_INPUT_SIDE}], got {self.input_size!r}"
+            )
         object.__setattr__(self, "input_size", size)
         mean = tuple(float(m) for m in self.mean) if self.mean else (0.0,) * self.in_channels
         std = tuple(float(s) for s in self.std) if self.std else (1.0,) * self.in_channels
@@ -57,7 +60,7 @@ class ModelSpec:
         object.__setattr__(self, "std", std)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         if not isinstance(data, Mapping):
             raise InputError("the model spec must be a JSON object")
         known = {"arch", "num_classes", "in_channels", "input_size", "mean", "std"}

@@ -16,6 +16,7 @@ Nothing here imports torch (API tests stay light).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -223,11 +224,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     access_key = "cleanroom-test"
     secret_key = secrets.token_hex(20)
     config_path = root / "s3.json"
-    config_path.write_text(
-        '{"identities": [{"name": "cleanroom", "credentials": [{"accessKey": "%s", '
-        '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
-        % (access_key, secret_key)
-    )
+    identity = {"name": "cleanroom", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    config_path.write_text(json.dumps({"identities": [identity]}))
     names = [
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
         "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg",

@@ -183,7 +183,7 @@ def _read_payloads(
             raise ModelLoadError(f"{fqn!r} does not fit its payload")
         if (
             all(sizes)
-            and offset + sum((n - 1) * st for n, st in zip(sizes, strides)) >= storage.numel()
+            and offset + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True)) >= storage.numel()
         ):
             raise ModelLoadError(f"{fqn!r} does not fit its payload")
         tensor = torch.as_strided(storage, sizes, strides, offset)

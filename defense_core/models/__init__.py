@@ -5,6 +5,6 @@ Each module holds one family and registers its names with
 :func:`defense_core.registry.create_model`.
 """
 
-from defense_core.models import preact_resnet, small_cnn, tv  # noqa: F401  (register on import)
+from defense_core.models import preact_resnet, small_cnn, tv
 
 __all__ = ["preact_resnet", "small_cnn", "tv"]

@@ -50,7 +50,7 @@ class PreActResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         planes_in = 64
         stages = []
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks_per_stage)):
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks_per_stage, strict=True)):
             first_stride = 1 if i == 0 else 2
             blocks = []
             for j in range(count):

@@ -12,7 +12,7 @@ The module names stay torchvision's, so checkpoints trained with torchvision
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 from torchvision import models as tvm

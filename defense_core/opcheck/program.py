@@ -104,7 +104,7 @@ def check_sym_expr(text: str) -> None:
             value = node.value
             if isinstance(value, (bool, str)):
                 continue
-            if not isinstance(value, (int, float)) or isinstance(value, int) and abs(value) > 2**63:
+            if not isinstance(value, (int, float)) or (isinstance(value, int) and abs(value) > 2**63):
                 raise UnsafeModelError(f"a symbolic shape expression holds {value!r}")
 
 

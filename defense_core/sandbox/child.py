@@ -16,8 +16,9 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -76,7 +77,11 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
                 "message": "the model needed more memory than its bound"}
     if isinstance(exc, RuntimeError) and str(exc).startswith(_MODEL_CODE_FAILED):
         # raised by the model's own code (TorchScript): the input's doing, not the engine's
-        return {"kind": "input", "code": "model-failed", "message": "the model's code failed: " + tidy_message(str(exc))}
+        return {
+            "kind": "input",
+            "code": "model-failed",
+            "message": "the model's code failed: " + tidy_message(str(exc)),
+        }
     if isinstance(exc, InputError):
         fields: dict[str, Any] = {"kind": "input", "code": exc.code, "message": tidy_message(str(exc))}
         operator = getattr(exc, "operator", None)
@@ -85,8 +90,13 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
         return fields
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
-    return {"kind": "internal", "code": "internal", "class": type(exc).__name__,
-            "message": tidy_message(str(exc))[:500], "where": where}
+    return {
+        "kind": "internal",
+        "code": "internal",
+        "class": type(exc).__name__,
+        "message": tidy_message(str(exc))[:500],
+        "where": where,
+    }
 
 
 def main() -> None:
@@ -115,19 +125,29 @@ def main() -> None:
         bounds = confine.Bounds(**request["bounds"])
         confine.set_rlimits(bounds, report)
         devices = [Path(p) for p in request.get("devices", [])]
-        confine.apply_landlock(read_only=confine.library_paths(), read_write=[scratch, Path("/dev/null")],
-                               devices=devices, report=report)
+        confine.apply_landlock(
+            read_only=confine.library_paths(), read_write=[scratch, Path("/dev/null")], devices=devices, report=report
+        )
         confine.apply_seccomp(report)
     except Exception as exc:
-        events.send("error", kind="internal", code="containment",
-                    message=f"the sandbox could not be set up: {type(exc).__name__}: {exc}")
+        events.send(
+            "error",
+            kind="internal",
+            code="containment",
+            message=f"the sandbox could not be set up: {type(exc).__name__}: {exc}",
+        )
         return
     os.chdir(scratch)
     os.environ["TMPDIR"] = str(scratch / "tmp")
     events.send("confined", confinement=report.to_dict())
     try:
-        result = tasks.run(request["task"], request.get("args", {}), scratch=scratch, reporter=events,
-                           threads=int(request.get("threads", 1)))
+        result = tasks.run(
+            request["task"],
+            request.get("args", {}),
+            scratch=scratch,
+            reporter=events,
+            threads=int(request.get("threads", 1)),
+        )
     except BaseException as exc:  # everything goes back as an event; the exit code is 0
         events.send("error", **_error_fields(exc))
         return

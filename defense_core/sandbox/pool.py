@@ -15,6 +15,7 @@ each child still serves exactly one request.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -159,10 +160,8 @@ class ChildProcess:
                 pass
 
     def _signal_group(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def describe_exit(self) -> str:
         code = self.proc.returncode
@@ -207,7 +206,7 @@ class ChildPool:
                 continue
             try:
                 request.set_result(ChildProcess(self.threads))
-            except BaseException as exc:  # noqa: BLE001 - the caller waiting on it gets it
+            except BaseException as exc:
                 request.set_exception(exc)
 
     def _spawn(self) -> Future[ChildProcess]:

@@ -25,6 +25,7 @@ The child process and the pool of warm spares are in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -148,10 +149,8 @@ def run_contained(
             except queue.Empty:
                 event = {"event": "tick"}
             if event is None:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # killed below
                     child.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass  # killed below
                 _raise_if_out_of_bounds(child)
                 raise ChildFailed(
                     f"the contained child ended without an answer ({child.describe_exit()}); "

@@ -2,9 +2,9 @@
 fine-tuning (stage 2). One stage per module; configs in :mod:`.config`."""
 
 from defense_core.tsbd.aft import AFTStepper, FinetuneResult, finetune_
+from defense_core.tsbd.choose_n import choose_neuron_ratio
 from defense_core.tsbd.config import AFTConfig, ReinitConfig, UnlearnConfig
 from defense_core.tsbd.nwc import NeuronRanking, NeuronScore, rank_neurons, ranked_conv_layers
-from defense_core.tsbd.choose_n import choose_neuron_ratio
 from defense_core.tsbd.reinit import ReinitResult, zero_reinit_
 from defense_core.tsbd.unlearning import UnlearnResult, unlearn_
 

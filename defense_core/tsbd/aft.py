@@ -88,7 +88,7 @@ class AFTStepper:
             return StepOutput(loss, correct)
 
         alpha, rho = self.config.alpha, self.config.rho
-        live = [(p, th) for p, th in zip(self.params, self._theta) if p.grad is not None]
+        live = [(p, th) for p, th in zip(self.params, self._theta, strict=True) if p.grad is not None]
         params = [p for p, _ in live]
         g1 = [p.grad for p in params]
         with torch.no_grad():
@@ -100,21 +100,21 @@ class AFTStepper:
                 scales = [rho / (total + _EPS)] * len(g1)
             else:
                 scales = [rho / (n + _EPS) for n in norms]
-            for p, g, s in zip(params, g1, scales):
+            for p, g, s in zip(params, g1, scales, strict=True):
                 # A non-finite scale (overflowed fp16 gradients) means no perturbation;
                 # the scaler then skips the step anyway.
                 p.add_(g * torch.nan_to_num(s, nan=0.0, posinf=0.0))
             for p in params:
                 p.grad = None
-            for b, backup in zip(self._buffers, self._buffer_backup):
+            for b, backup in zip(self._buffers, self._buffer_backup, strict=True):
                 backup.copy_(b)
         self._forward_backward(x, y)
         with torch.no_grad():
-            for b, backup in zip(self._buffers, self._buffer_backup):
+            for b, backup in zip(self._buffers, self._buffer_backup, strict=True):
                 b.copy_(backup)
             for p, th in live:
                 p.copy_(th)
-            for p, g in zip(params, g1):
+            for p, g in zip(params, g1, strict=True):
                 if p.grad is None:
                     p.grad = g.mul_(1.0 - alpha)
                 else:
@@ -236,18 +236,18 @@ def reestimate_bn_(model: nn.Module, clean: ImageSet, *, spec: ModelSpec, batch_
                     if bn.num_batches_tracked is not None:
                         bn.num_batches_tracked.zero_()
                 model(runtime.prepare_input(normalizer(chunk.to(runtime.device))))
-                for bn, (mean, var) in zip(layers, sums):
+                for bn, (mean, var) in zip(layers, sums, strict=True):
                     share = 1.0 if bn.momentum is None else float(bn.momentum)
                     mean.add_(bn.running_mean, alpha=1.0 / share)
                     var.add_(bn.running_var, alpha=1.0 / share)
     except BaseException:
-        for bn, buffers in zip(layers, saved):  # the statistics as they were
+        for bn, buffers in zip(layers, saved, strict=True):  # the statistics as they were
             for name, value in buffers.items():
                 getattr(bn, name).copy_(value)
         raise
     finally:
         model.train(was_training)
-    for bn, (mean, var), buffers in zip(layers, sums, saved):
+    for bn, (mean, var), buffers in zip(layers, sums, saved, strict=True):
         bn.running_mean.copy_(mean / parts)
         bn.running_var.copy_(var / parts)
         if bn.num_batches_tracked is not None:

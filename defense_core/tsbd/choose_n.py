@@ -18,7 +18,7 @@ the model and D (a forward pass over D per grid point); no poisoned data.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ def ratio_from_curve(
         raise ValueError(f"level_share must be in [0, 1], got {level_share}")
     chance = 1.0 / num_classes
     level = chance + level_share * max(0.0, base_acc - chance)
-    for n, acc in zip(grid, clean_accs):
+    for n, acc in zip(grid, clean_accs, strict=True):
         if acc <= level:
             return float(n)
     return float(grid[-1])

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 PerturbNorm = Literal["tensor", "global"]
-NeuronRatio = Union[float, Literal["auto"]]
+NeuronRatio = float | Literal["auto"]
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -107,11 +107,12 @@ class ReinitConfig:
     weight_ratio: float = 0.7
 
     def __post_init__(self) -> None:
-        if self.neuron_ratio != "auto":
-            if isinstance(self.neuron_ratio, bool) or not isinstance(self.neuron_ratio, (int, float)) or not (
-                0.0 < self.neuron_ratio <= 1.0
-            ):
-                raise ValueError(f"neuron_ratio must be in (0, 1] or \"auto\", got {self.neuron_ratio!r}")
+        if self.neuron_ratio != "auto" and (
+            isinstance(self.neuron_ratio, bool)
+            or not isinstance(self.neuron_ratio, (int, float))
+            or not (0.0 < self.neuron_ratio <= 1.0)
+        ):
+            raise ValueError(f"neuron_ratio must be in (0, 1] or \"auto\", got {self.neuron_ratio!r}")
         if isinstance(self.weight_ratio, bool) or not isinstance(self.weight_ratio, (int, float)) or not (
             0.0 < self.weight_ratio <= 1.0
         ):

@@ -72,7 +72,9 @@ class NeuronRanking:
         k = min(k, len(self))
         return [
             NeuronScore(self.layers[int(li)], int(ch), float(s))
-            for li, ch, s in zip(self.layer_index[:k].tolist(), self.channel[:k].tolist(), self.scores[:k].tolist())
+            for li, ch, s in zip(
+                self.layer_index[:k].tolist(), self.channel[:k].tolist(), self.scores[:k].tolist(), strict=True
+            )
         ]
 
 
@@ -85,7 +87,7 @@ def rank_neurons(original: nn.Module, unlearned: nn.Module) -> NeuronRanking:
     """Rank every neuron of the ranked conv layers of ``original`` by NWC."""
     layers = ranked_conv_layers(original)
     if not layers:
-        raise InputError("the model has no convolution layers to rank: TSBD needs Conv2d layers (try defense \"ft\")")
+        raise InputError('the model has no convolution layers to rank: TSBD needs Conv2d layers (try defense "ft")')
     unlearned_modules = dict(unlearned.named_modules())
     original_modules = dict(original.named_modules())
     changes, layer_ids, channels, scores = [], [], [], []
@@ -100,7 +102,9 @@ def rank_neurons(original: nn.Module, unlearned: nn.Module) -> NeuronRanking:
         channels.append(torch.arange(nwc.shape[0], dtype=torch.int64, device=nwc.device))
     all_scores = torch.cat(scores)
     if not bool(torch.isfinite(all_scores).all()):
-        raise TrainingDivergedError("weight changes are not finite: clean unlearning diverged; try a smaller unlearn_lr")
+        raise TrainingDivergedError(
+            "weight changes are not finite: clean unlearning diverged; try a smaller unlearn_lr"
+        )
     # A stable sort keeps equal scores in position order (layer, then channel).
     sorted_scores, order = torch.sort(all_scores, descending=True, stable=True)
     return NeuronRanking(

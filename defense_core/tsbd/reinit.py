@@ -47,7 +47,7 @@ def select_weights(
     """The entries to zero, per ranked layer index: ``(channel, flat offset)`` int64 pairs."""
     layer_ids = ranking.layer_index[:num_neurons].tolist()
     channels = ranking.channel[:num_neurons].tolist()
-    pieces = [ranking.weight_changes[li][ch].reshape(-1) for li, ch in zip(layer_ids, channels)]
+    pieces = [ranking.weight_changes[li][ch].reshape(-1) for li, ch in zip(layer_ids, channels, strict=True)]
     sizes = torch.tensor([p.numel() for p in pieces], dtype=torch.int64)
     pool = torch.cat([p.to(torch.float64).cpu() for p in pieces])
     count = share_count(weight_ratio, pool.numel())

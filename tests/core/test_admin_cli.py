@@ -45,9 +45,8 @@ def test_org_and_key_lifecycle(run: Callable[..., Result], sqlite_url: str) -> N
             prefix = key.prefix
 
         assert run("revoke-key", prefix).exit_code == 0
-        with make_session_factory(engine)() as session:
-            with pytest.raises(Unauthorized, match="revoked"):
-                authenticate(session=session, raw_key=raw_key)
+        with make_session_factory(engine)() as session, pytest.raises(Unauthorized, match="revoked"):
+            authenticate(session=session, raw_key=raw_key)
     finally:
         engine.dispose()
 

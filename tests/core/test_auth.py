@@ -52,7 +52,7 @@ def test_key_is_random_hashed_and_authenticates(any_session: Session) -> None:
 
 def test_wrong_keys_are_unauthorized(any_session: Session) -> None:
     org = new_org(any_session)
-    key, raw = create_api_key(session=any_session, org_name=org.name)
+    _key, raw = create_api_key(session=any_session, org_name=org.name)
     any_session.commit()
     prefix_part, secret = raw.rsplit("_", 1)
     flipped = secret[:-1] + ("A" if secret[-1] != "A" else "B")

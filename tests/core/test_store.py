@@ -169,7 +169,7 @@ def test_s3_ping_and_auth_failures(s3_server: dict[str, Any]) -> None:
     with pytest.raises(ServiceUnavailable):
         S3Store("no-such-bucket-here", "", s3_client(s3_server)).ping()
     wrong = dict(s3_server, secret_key="not-the-secret")
-    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+    with pytest.raises(Exception, match=r"SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         S3Store(s3_server["bucket"], "p", s3_client(wrong)).put_stream("k", [b"data"])
 
 

@@ -7,9 +7,9 @@ them: what is tested is what the worker's contained child does with them.
 from __future__ import annotations
 
 import hashlib
-import uuid
 import io
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 

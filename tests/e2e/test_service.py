@@ -106,7 +106,6 @@ def test_a_backdoored_model_is_purified_over_http(service: Service, api: Api, bu
     path = tmp_path / "purified.safetensors"
     path.write_bytes(response.content)
 
-    from defense_core.attacks import make_poisoned_test_set, TriggerSpec
     from defense_core.data import load_dataset
     from defense_core.loading import load_model
     from defense_core.spec import ModelSpec

@@ -10,7 +10,7 @@ import torch
 
 from defense_core.attacks import TriggerSpec, apply_trigger, available_triggers, make_poisoned_test_set
 from defense_core.attacks.families.blended import BlendedParams, blend_pattern
-from defense_core.attacks.families.wanet import WaNetParams, warp_grid, wanet_cross
+from defense_core.attacks.families.wanet import WaNetParams, wanet_cross, warp_grid
 from defense_core.errors import DatasetError, InputError
 from defense_core.imageset import ImageSet
 
@@ -87,7 +87,9 @@ def test_blended_alpha_extremes_and_seeds() -> None:
     assert torch.equal(one, blend_pattern(BlendedParams(alpha=1.0, seed=5), (3, 8, 8)).expand_as(x))
     zero = apply_trigger(x, TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 0.0}))
     assert torch.equal(zero, x)
-    assert not torch.equal(blend_pattern(BlendedParams(seed=1), (1, 8, 8)), blend_pattern(BlendedParams(seed=2), (1, 8, 8)))
+    assert not torch.equal(
+        blend_pattern(BlendedParams(seed=1), (1, 8, 8)), blend_pattern(BlendedParams(seed=2), (1, 8, 8))
+    )
 
 
 def test_blended_with_a_given_pattern_image() -> None:
@@ -96,8 +98,9 @@ def test_blended_with_a_given_pattern_image() -> None:
     spec = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 0.5, "pattern": [[255, 0], [10, 50]]})
     assert apply_trigger(x, spec)[0, 0].tolist() == [[128, 50], [105, 152]]  # (x + p) / 2, halves round to even
     # the same image as RGB values [H][W][3] on 3-channel images, and as a grey pattern repeated over channels
-    rgb = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0,
-                                 "pattern": [[[255, 0, 9], [0, 0, 0]], [[1, 2, 3], [4, 5, 6]]]})
+    rgb = TriggerSpec.from_dict(
+        {"type": "blended", "target": 0, "alpha": 1.0, "pattern": [[[255, 0, 9], [0, 0, 0]], [[1, 2, 3], [4, 5, 6]]]}
+    )
     out = apply_trigger(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), rgb)
     assert out[0, :, 0, 0].tolist() == [255, 0, 9] and out[0, :, 1, 1].tolist() == [4, 5, 6]
     grey = TriggerSpec.from_dict({"type": "blended", "target": 0, "alpha": 1.0, "pattern": [[7, 7], [7, 7]]})
@@ -156,9 +159,9 @@ def test_sig_exact_pixels_with_clipping() -> None:
     x = torch.tensor([[100] * 24, [230] * 24, [10] * 24], dtype=torch.uint8).view(1, 1, 3, 24)
     out = apply_trigger(x, TriggerSpec.from_dict({"type": "sig", "target": 0}))
     assert out[0, 0, :, 0].tolist() == [100, 230, 10]
-    assert out[0, 0, :, 1].tolist() == [140, 255, 50]   # 230 + 40 clipped to 255
+    assert out[0, 0, :, 1].tolist() == [140, 255, 50]  # 230 + 40 clipped to 255
     assert out[0, 0, :, 2].tolist() == [100, 230, 10]
-    assert out[0, 0, :, 3].tolist() == [60, 190, 0]     # 10 - 40 clipped to 0
+    assert out[0, 0, :, 3].tolist() == [60, 190, 0]  # 10 - 40 clipped to 0
     # an off-peak column: 100 + 40 * sin(2*pi*5*6/24)
     assert int(out[0, 0, 0, 5]) == round(100 + 40 * math.sin(2 * math.pi * 5 * 6 / 24))
 

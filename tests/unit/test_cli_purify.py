@@ -89,7 +89,7 @@ def test_a_contained_purify_keeps_what_its_child_learned_in_the_user_cache(files
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
     stored = json.loads((user_cache / "cleanroom" / "cpu-modes.json").read_text())
-    assert len(stored) == 1 and list(stored.values())[0] in ("fp32", "channels_last", "bf16", "bf16_channels_last")
+    assert len(stored) == 1 and next(iter(stored.values())) in ("fp32", "channels_last", "bf16", "bf16_channels_last")
 
 
 def test_purify_ft_table_output(files: dict[str, Path]) -> None:
@@ -117,7 +117,9 @@ def test_bad_input_exits_nonzero_with_one_line(files: dict[str, Path], change: d
     if "clean" in change:
         files["clean"] = files["clean"].parent / change["clean"]
     extra = [a.format(**{k: str(v) for k, v in files.items()}) for a in change.get("extra", [])]
-    result = CliRunner().invoke(app, ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, *extra, "--json"])
+    result = CliRunner().invoke(
+        app, ["purify", *_args(files, "model", "spec", "clean", "out"), *FAST, *extra, "--json"]
+    )
     assert result.exit_code != 0
     assert result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -135,8 +137,16 @@ def test_neuron_ratio_flag_takes_a_number_auto_sweep_or_a_list() -> None:
 
 
 def test_purify_sweep_prints_each_n_and_the_one_kept(files: dict[str, Path]) -> None:
-    result = CliRunner().invoke(app, ["purify", *_args(files, "model", "spec", "clean", "test", "trigger", "out"),
-                                      *FAST, "--neuron-ratio", "0.1,0.5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "purify",
+            *_args(files, "model", "spec", "clean", "test", "trigger", "out"),
+            *FAST,
+            "--neuron-ratio",
+            "0.1,0.5",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "neuron ratio sweep" in result.stdout and result.stdout.count("kept") == 2  # title + one row
     lines = [line for line in result.stdout.splitlines() if line.strip().startswith(("│ 0.1 ", "│ 0.5 "))]

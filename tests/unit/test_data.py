@@ -235,7 +235,7 @@ def test_grayscale_folder_stays_single_channel_and_mixed_becomes_rgb(tmp_path: P
 def test_images_of_different_sizes_name_the_file(tmp_path: Path) -> None:
     members, _, _ = _folder()
     members["cifar/cat/odd.png"] = _png(np.zeros((5, 5, 3), np.uint8))
-    with pytest.raises(DatasetError, match="cifar/cat/odd.png is 5x5 but .* is 7x6"):
+    with pytest.raises(DatasetError, match=r"cifar/cat/odd.png is 5x5 but .* is 7x6"):
         load_image_archive(_zip(tmp_path / "d.zip", members))
 
 
@@ -248,9 +248,9 @@ def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
 
 def test_non_image_and_corrupt_files_are_named(tmp_path: Path) -> None:
     members, _, _ = _folder()
-    with pytest.raises(ArchiveError, match="cifar/cat/notes.txt: only PNG and JPEG"):
+    with pytest.raises(ArchiveError, match=r"cifar/cat/notes.txt: only PNG and JPEG"):
         load_image_archive(_zip(tmp_path / "a.zip", {**members, "cifar/cat/notes.txt": b"hi"}))
-    with pytest.raises(DatasetError, match="cifar/cat/broken.png: not a readable PNG"):
+    with pytest.raises(DatasetError, match=r"cifar/cat/broken.png: not a readable PNG"):
         load_image_archive(_zip(tmp_path / "b.zip", {**members, "cifar/cat/broken.png": b"\x89PNG junk"}))
     # Hidden files and macOS forks are ignored.
     images, _ = load_image_archive(
@@ -261,7 +261,7 @@ def test_non_image_and_corrupt_files_are_named(tmp_path: Path) -> None:
 
 def test_pixel_limit_is_checked_per_image(tmp_path: Path) -> None:
     members, _, _ = _folder()
-    with pytest.raises(ArchiveError, match="cifar/airplane/0.png: 6x7 pixels exceeds the limit of 40"):
+    with pytest.raises(ArchiveError, match=r"cifar/airplane/0.png: 6x7 pixels exceeds the limit of 40"):
         load_image_archive(_zip(tmp_path / "d.zip", members), limits=ArchiveLimits(max_image_pixels=40))
 
 
@@ -276,14 +276,14 @@ def test_traversal_paths_in_zip_are_refused(tmp_path: Path, name: str) -> None:
         for n, data in members.items():
             zf.writestr(n, data)
         zf.writestr(zipfile.ZipInfo(name), _png(np.zeros((7, 6, 3), np.uint8)))
-    with pytest.raises(ArchiveError, match="absolute path|leaves the archive"):
+    with pytest.raises(ArchiveError, match=r"absolute path|leaves the archive"):
         load_image_archive(zip_path)
 
 
 @pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png"])
 def test_traversal_paths_in_tar_are_refused(tmp_path: Path, name: str) -> None:
     members, _, _ = _folder()
-    with pytest.raises(ArchiveError, match="absolute path|leaves the archive"):
+    with pytest.raises(ArchiveError, match=r"absolute path|leaves the archive"):
         load_image_archive(_tar(tmp_path / "t.tar.gz", {**members, name: b"x"}))
 
 
@@ -298,7 +298,7 @@ def test_links_and_devices_in_tar_are_refused(tmp_path: Path, kind: bytes) -> No
         link.type = kind
         link.linkname = "/etc/passwd"
         out.addfile(link)
-    with pytest.raises(ArchiveError, match="is a link|not a regular file"):
+    with pytest.raises(ArchiveError, match=r"is a link|not a regular file"):
         load_image_archive(tmp_path / "l.tar.gz")
 
 

@@ -111,7 +111,10 @@ def test_cpu_mode_choice_is_shared_through_the_cache_file(tmp_path, monkeypatch:
     assert mode == "channels_last" and times
     # a new process (a fresh cache on the same file) reuses it without timing
     monkeypatch.setattr(cpu_mode, "choose_cpu_mode", lambda *a, **k: pytest.fail("timed again"))
-    assert cpu_mode_cache.remembered_cpu_mode(model, (1, 16, 16), cache=cpu_mode_cache.CpuModeCache(path)) == ("channels_last", {})
+    assert cpu_mode_cache.remembered_cpu_mode(model, (1, 16, 16), cache=cpu_mode_cache.CpuModeCache(path)) == (
+        "channels_last",
+        {},
+    )
     runtime = make_runtime(DeviceOptions(device="cpu", mode_cache=str(path)), model=model, input_shape=(1, 16, 16))
     assert runtime.channels_last
 

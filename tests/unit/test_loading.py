@@ -84,7 +84,7 @@ def test_raw_pickle_running_a_shell_command_is_refused_and_never_runs(tmp_path: 
     marker = tmp_path / "touched"
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps(_RunsShellWhenUnpickled(marker)))
-    with pytest.raises(UnsafeModelError, match="save a state_dict with torch.save"):
+    with pytest.raises(UnsafeModelError, match=r"save a state_dict with torch.save"):
         load_model(evil, SPEC)
     assert not marker.exists()
 
@@ -174,7 +174,7 @@ def test_nan_weights_are_refused(tmp_path: Path, model: torch.nn.Module) -> None
     state["conv1.weight"][0, 0, 0, 0] = float("nan")
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ModelLoadError, match="NaN or infinite values \\(1\\): conv1.weight"):
+    with pytest.raises(ModelLoadError, match=r"NaN or infinite values \(1\): conv1.weight"):
         load_model(path, SPEC)
 
 
@@ -248,7 +248,7 @@ def test_inspect_reports_counts(tmp_path: Path, model: torch.nn.Module) -> None:
 def test_torchscript_loads_only_when_declared(tmp_path: Path, model: torch.nn.Module) -> None:
     path = _scripted(model, tmp_path / "m.ts")
     assert sniff_model_format(path) == "torchscript"
-    with pytest.raises(ModelLoadError, match='declare spec.arch "torchscript"'):
+    with pytest.raises(ModelLoadError, match=r'declare spec.arch "torchscript"'):
         load_model(path, SPEC)
     with pytest.raises(ModelLoadError):
         read_state_dict(path)
@@ -296,11 +296,11 @@ def _exported(model: torch.nn.Module, path: Path, *, dynamic_batch: bool = True,
 def test_exported_model_loads_only_when_declared(tmp_path: Path, model: torch.nn.Module) -> None:
     path = _exported(model, tmp_path / "m.bin")  # the name says nothing
     assert sniff_model_format(path) == "torch_export"
-    with pytest.raises(ModelLoadError, match='declare spec.arch "torch_export"'):
+    with pytest.raises(ModelLoadError, match=r'declare spec.arch "torch_export"'):
         load_model(path, SPEC)
     with pytest.raises(ModelLoadError):
         read_state_dict(path)
-    with pytest.raises(ModelLoadError, match='declare spec.arch "torch_export"'):
+    with pytest.raises(ModelLoadError, match=r'declare spec.arch "torch_export"'):
         load_model(path, ModelSpec(arch="torchscript", num_classes=3, in_channels=1, input_size=(16, 16)))
     loaded = load_model(path, EXPORT_SPEC)
     torch.testing.assert_close(_outputs(loaded), _outputs(model), rtol=0, atol=0)
@@ -410,7 +410,8 @@ def test_exported_model_is_purified_like_the_eager_one_and_saves_as_safetensors(
         spec = ModelSpec(arch="torch_export", num_classes=4, in_channels=1, input_size=(8, 8), mean=(0.5,), std=(0.25,))
         exported = load_model(tmp_path / "tiny.pt2", spec)
         original = {k: v.clone() for k, v in exported.state_dict().items()}
-        params = {"unlearn_lr": 0.01, "ft_epochs": 2, "ft_min_steps": 4, "batch_size": 64, "neuron_ratio": 0.2, "seed": 5}
+        params = {"unlearn_lr": 0.01, "ft_epochs": 2, "ft_min_steps": 4, "batch_size": 64,
+                  "neuron_ratio": 0.2, "seed": 5}
         clean = quadrant_set(128, seed=1)
         expected = purify(copy.deepcopy(eager), TINY_SPEC, clean, config=PurifyConfig.from_params(params))
         result = purify(exported, spec, clean, config=PurifyConfig.from_params(params))

@@ -8,8 +8,8 @@ import io
 import json
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -179,9 +179,16 @@ def test_policy_allows_core_math_and_refuses_files_storages_python_and_other_nam
     for allowed in ("aten::conv2d", "aten::batch_norm", "aten::add_", "prim::NumToTensor", "aten::warn"):
         assert opcheck.operator_refusal(allowed) is None, allowed
     refused = {
-        "aten::from_file": "file", "aten::save": "file", "aten::set_": "storage", "aten::set": "storage",
-        "prim::PythonOp": "Python", "prim::rpc_async": "remote", "prim::Print": "output",
-        "c10d::allreduce_": "namespace", "quantized::linear": "namespace", "profiler::_record_function_enter": "namespace",
+        "aten::from_file": "file",
+        "aten::save": "file",
+        "aten::set_": "storage",
+        "aten::set": "storage",
+        "prim::PythonOp": "Python",
+        "prim::rpc_async": "remote",
+        "prim::Print": "output",
+        "c10d::allreduce_": "namespace",
+        "quantized::linear": "namespace",
+        "profiler::_record_function_enter": "namespace",
         "my_library::op": "namespace",
     }
     for name, word in refused.items():
@@ -234,8 +241,7 @@ def test_setstate_that_saves_a_file_is_refused_and_loading_it_would_have_written
 
 def test_a_custom_operator_written_into_the_code_is_refused(tmp_path: Path) -> None:
     benign = _save_scripted(_Linear(), tmp_path / "benign.pt")
-    for new, op in (("ops.cleanroom_ext.linear(", "cleanroom_ext::linear"),
-                    ("torch.ops.c10d.linear(", "c10d::linear")):
+    for new, op in (("ops.cleanroom_ext.linear(", "cleanroom_ext::linear"), ("torch.ops.c10d.linear(", "c10d::linear")):
         editor = _edit_code("torch.linear(", new)
         edited = _rewrite(benign, tmp_path / "edited.pt", editor)
         assert editor.done()
@@ -246,15 +252,19 @@ def test_a_custom_operator_written_into_the_code_is_refused(tmp_path: Path) -> N
 
 def test_custom_classes_in_code_or_pickles_are_refused(tmp_path: Path) -> None:
     benign = _save_scripted(Benign(), tmp_path / "benign.pt")
-    editor = _edit_code("  training : bool\n",
-                        "  training : bool\n  store : __torch__.torch.classes.dist_c10d.Store\n")
+    editor = _edit_code("  training : bool\n", "  training : bool\n  store : __torch__.torch.classes.dist_c10d.Store\n")
     annotated = _rewrite(benign, tmp_path / "a.pt", editor)
     assert editor.done()
     with pytest.raises(ForbiddenOperatorError, match="custom class") as caught:
         opcheck.scan_torchscript_archive(annotated)
     assert caught.value.operator == "__torch__.torch.classes.dist_c10d.Store"
-    pickled = _rewrite(benign, tmp_path / "p.pt", lambda name, data: data.replace(
-        b"c__torch__.", b"c__torch__.torch.classes.", 1) if name == "data.pkl" else data)
+    pickled = _rewrite(
+        benign,
+        tmp_path / "p.pt",
+        lambda name, data: (
+            data.replace(b"c__torch__.", b"c__torch__.torch.classes.", 1) if name == "data.pkl" else data
+        ),
+    )
     with zipfile.ZipFile(pickled) as zf:
         assert b"__torch__.torch.classes." in zf.read(zf.namelist()[0].split("/")[0] + "/data.pkl")
     with pytest.raises(ForbiddenOperatorError, match="custom class"):
@@ -337,6 +347,7 @@ def _edit_program(edit: Callable[[dict], None]) -> Callable[[str, bytes], bytes]
             edit(document)
             return json.dumps(document).encode()
         return data
+
     return member
 
 
@@ -436,8 +447,11 @@ def test_sample_inputs_are_never_unpickled(tmp_path: Path, exported_small_cnn: b
     target = tmp_path / "unpickled.txt"
     payload = io.BytesIO()
     torch.save(((_Unpickled(target),), {}), payload)
-    path = _rewrite(_archive(tmp_path, exported_small_cnn), tmp_path / "i.pt2",
-                    lambda name, data: payload.getvalue() if name == "data/sample_inputs/model.pt" else data)
+    path = _rewrite(
+        _archive(tmp_path, exported_small_cnn),
+        tmp_path / "i.pt2",
+        lambda name, data: payload.getvalue() if name == "data/sample_inputs/model.pt" else data,
+    )
     load_model(path, EXPORT_SPEC)  # the program itself is fine
     assert not target.exists()
     with contextlib.suppress(Exception):
@@ -467,10 +481,12 @@ def test_pickled_weights_are_refused_unread(tmp_path: Path, exported_small_cnn: 
 
 def test_archive_members_outside_the_export_layout_are_refused(tmp_path: Path, exported_small_cnn: bytes) -> None:
     base = _archive(tmp_path, exported_small_cnn)
-    for extra, message in (({"data/aotinductor/model/model.so": b"\x7fELF"}, "native library"),
-                           ({"data/aotinductor/model/model.cpp": b""}, "AOTInductor"),
-                           ({"data/constants/custom_obj_0": b""}, "unexpected member"),
-                           ({"serialized_exported_program.json": b"{}"}, "unexpected member")):
+    for extra, message in (
+        ({"data/aotinductor/model/model.so": b"\x7fELF"}, "native library"),
+        ({"data/aotinductor/model/model.cpp": b""}, "AOTInductor"),
+        ({"data/constants/custom_obj_0": b""}, "unexpected member"),
+        ({"serialized_exported_program.json": b"{}"}, "unexpected member"),
+    ):
         path = _rewrite(base, tmp_path / "x.pt2", lambda _n, d: d, extra=extra)
         with pytest.raises(UnsafeModelError, match=message):
             load_model(path, EXPORT_SPEC)
@@ -479,15 +495,21 @@ def test_archive_members_outside_the_export_layout_are_refused(tmp_path: Path, e
 def test_input_specs_that_would_import_modules_are_refused(tmp_path: Path, exported_small_cnn: bytes) -> None:
     def inject(document: dict) -> None:
         signature = document["graph_module"]["module_call_graph"][0]["signature"]
-        signature["in_spec"] = json.dumps([1, {
-            "type": "collections.defaultdict",
-            "context": json.dumps({"default_factory_module": "antigravity", "default_factory_name": "fly",
-                                   "dict_context": []}),
-            "children_spec": [],
-        }])
+        signature["in_spec"] = json.dumps(
+            [
+                1,
+                {
+                    "type": "collections.defaultdict",
+                    "context": json.dumps(
+                        {"default_factory_module": "antigravity", "default_factory_name": "fly", "dict_context": []}
+                    ),
+                    "children_spec": [],
+                },
+            ]
+        )
 
     path = _rewrite(_archive(tmp_path, exported_small_cnn), tmp_path / "d.pt2", _edit_program(inject))
-    with pytest.raises(UnsafeModelError, match="unsupported type 'collections.defaultdict'"):
+    with pytest.raises(UnsafeModelError, match=r"unsupported type 'collections.defaultdict'"):
         load_model(path, EXPORT_SPEC)
 
 

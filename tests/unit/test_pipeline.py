@@ -6,17 +6,18 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from typing import ClassVar
 
 import pytest
 import torch
 
 import defense_core.pipeline as pipeline_module
+from defense_core.defenses import available_defenses
 from defense_core.device import DeviceRuntime
 from defense_core.errors import Cancelled, DatasetError, InputError
 from defense_core.imageset import ImageSet
-from defense_core.metrics import evaluate
-from defense_core.defenses import available_defenses
 from defense_core.jobs.params import PurifyConfig
+from defense_core.metrics import evaluate
 from defense_core.pipeline import purify
 from defense_core.progress import STAGES
 from tests.unit.tsbd_fixtures import SPEC, TinyNet, quadrant_set, single_thread, trained_tiny  # noqa: F401
@@ -132,7 +133,7 @@ def test_ft_baseline_skips_stage1() -> None:
 class _AutocastProbe(TinyNet):
     """Notes, per forward pass, whether the model was training and CPU autocast was on."""
 
-    seen: list[tuple[bool, bool]] = []  # on the class, so purify's copy of the model writes here too
+    seen: ClassVar[list[tuple[bool, bool]]] = []  # on the class, so purify's copy of the model writes here too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _AutocastProbe.seen.append((self.training, torch.is_autocast_enabled("cpu")))

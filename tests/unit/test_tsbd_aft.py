@@ -44,9 +44,9 @@ def _expected_update(model: TinyNet, x: torch.Tensor, y: torch.Tensor, *, alpha:
     else:
         total = torch.sqrt(sum((g * g).sum() for g in g1))
         steps = [rho * g / total for g in g1]
-    perturbed = {n: (theta[n] + e).detach().requires_grad_(True) for n, e in zip(names, steps)}
+    perturbed = {n: (theta[n] + e).detach().requires_grad_(True) for n, e in zip(names, steps, strict=True)}
     g2 = grads(perturbed)
-    return {n: (theta[n] - lr * ((1 - alpha) * a + alpha * b)).detach() for n, a, b in zip(names, g1, g2)}
+    return {n: (theta[n] - lr * ((1 - alpha) * a + alpha * b)).detach() for n, a, b in zip(names, g1, g2, strict=True)}
 
 
 @pytest.mark.parametrize("norm", ["tensor", "global"])
@@ -88,7 +88,7 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass_only() -> None:
     with torch.no_grad():
         plain(x)  # one plain forward in train mode from the same state
     AFTStepper(model, torch.optim.SGD(model.parameters(), lr=0.1), AFTConfig(alpha=0.9, rho=0.5)).step(x, y)
-    for (name, buf), (_, ref) in zip(model.named_buffers(), plain.named_buffers()):
+    for (name, buf), (_, ref) in zip(model.named_buffers(), plain.named_buffers(), strict=True):
         assert torch.equal(buf, ref), name
     assert int(model.bn1.num_batches_tracked) == 1
 
@@ -137,8 +137,8 @@ def test_noise_blend_mixes_the_chosen_share_with_noise_and_keeps_the_rest() -> N
 
 def test_noise_blend_reaches_fine_tuning_batches_only_when_asked() -> None:
     from defense_core.device import CPU_FP32
-    from defense_core.tsbd.batches import TrainBatches
     from defense_core.transforms import NO_AUGMENT
+    from defense_core.tsbd.batches import TrainBatches
     from tests.unit.tsbd_fixtures import SPEC, quadrant_set
 
     data = quadrant_set(32, seed=3)
@@ -247,7 +247,8 @@ def test_fine_tuning_reestimates_bn_only_with_noise_blends_unless_told() -> None
     def reestimated(model: TinyNet) -> bool:
         again = copy.deepcopy(model)
         reestimate_bn_(again, data, spec=SPEC, batch_size=16)
-        stats = [(a, b) for (n, a), (_, b) in zip(model.named_buffers(), again.named_buffers()) if "running" in n]
+        pairs = zip(model.named_buffers(), again.named_buffers(), strict=True)
+        stats = [(a, b) for (n, a), (_, b) in pairs if "running" in n]
         return all(torch.equal(a, b) for a, b in stats)
 
     assert AFTConfig(noise_blend=0.5).reestimates_bn and not AFTConfig().reestimates_bn

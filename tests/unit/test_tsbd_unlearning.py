@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from defense_core.metrics import accuracy
 from defense_core.transforms import NO_AUGMENT, Normalizer
 from defense_core.tsbd.config import UnlearnConfig
 from defense_core.tsbd.unlearning import unlearn_
-from tests.unit.tsbd_fixtures import SPEC, TinyNet, quadrant_set, trained_tiny, single_thread  # noqa: F401 (autouse fixture)
+from tests.unit.tsbd_fixtures import SPEC, TinyNet, quadrant_set, single_thread, trained_tiny  # noqa: F401 (autouse fixture)
 
 
 class Recorder:

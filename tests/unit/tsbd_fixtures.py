@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,7 +11,6 @@ from torch import nn
 
 from defense_core.imageset import ImageSet
 from defense_core.spec import ModelSpec
-
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """Trigger families. Importing this package registers every family."""
 
-from defense_core.attacks.families import badnets, blended, sig, wanet  # noqa: F401  (register on import)
+from defense_core.attacks.families import badnets, blended, sig, wanet
 
 __all__ = ["badnets", "blended", "sig", "wanet"]
