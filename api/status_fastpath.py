@@ -26,7 +26,7 @@ from pydantic_core import to_json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.core.errors import NotFound
-from api.core.services.jobs import StatusReader
+from api.core.services.job_status import StatusReader
 from api.deps import KeyCache
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.db import session_scope
-from api.core.models import Job
+from api.core.repositories import JobRepository
 from api.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,9 +82,7 @@ def sweep(
                 continue  # not ours
     if job_dirs and session_factory is not None:
         with session_scope(session_factory) as session:
-            rows = session.execute(
-                select(Job.id, Job.status, Job.worker).where(Job.id.in_(list(job_dirs)))
-            ).all()
+            rows = JobRepository(session).owners(job_dirs)
         running = {
             row.id for row in rows
             if row.status == "running" and (owner_alive is None or row.worker is None or owner_alive(row.worker))

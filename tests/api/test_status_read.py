@@ -13,7 +13,7 @@ from pydantic_core import to_json
 from sqlalchemy import text
 
 from api.core.models import Job, JobStatus, utcnow
-from api.core.services.jobs import PgStatusReader
+from api.core.services.job_status import PgStatusReader
 from api.routers.jobs import job_view
 from api.schemas import JobRead
 from tests.api.conftest import Api, Tenant

@@ -19,10 +19,11 @@ from api.core.errors import ServiceUnavailable
 from api.core.models import Artifact, Job, utcnow
 from api.core.queue import make_celery, queue_depth
 from api.core.settings import Settings
-from api.core.services.runs import ReapPolicy
+from api.core.services.job_types import ReapPolicy
 from api.core.store import LocalStore
 from worker.reaper import ReaperConfig, reap_once
-from worker.runner import JobRunner, owner_alive
+from worker.channel import owner_alive
+from worker.runner import JobRunner
 from worker.runtime import Runtime
 
 pytestmark = pytest.mark.postgres
@@ -120,22 +121,22 @@ def test_jobs_remember_the_cpu_mode_in_the_hosts_cache_file(tmp_path):
     """The child learns CPU modes in its scratch copy; the worker keeps what it wrote."""
     import json
 
-    from worker.runner import _copy_mode_cache_in, _copy_mode_cache_out
+    from worker.staging import copy_mode_cache_in, copy_mode_cache_out
 
     for settings, where in ((Settings(data_dir=tmp_path / "var"), tmp_path / "var" / "cpu-modes.json"),
                             (Settings(data_dir=tmp_path / "var", cpu_mode_cache=tmp_path / "modes.json"),
                              tmp_path / "modes.json")):
         scratch = tmp_path / f"scratch-{where.name}"
         scratch.mkdir()
-        _copy_mode_cache_in(settings, scratch)
+        copy_mode_cache_in(settings, scratch)
         assert not (scratch / "cpu-modes.json").exists()  # nothing learned yet
         (scratch / "cpu-modes.json").write_text(json.dumps({"small_cnn|1x16x16": "fp32"}))
-        _copy_mode_cache_out(settings, scratch)
+        copy_mode_cache_out(settings, scratch)
         assert json.loads(where.read_text()) == {"small_cnn|1x16x16": "fp32"}
         other = tmp_path / f"next-{where.name}"
         other.mkdir()
-        _copy_mode_cache_in(settings, other)  # the next job starts from it
+        copy_mode_cache_in(settings, other)  # the next job starts from it
         assert (other / "cpu-modes.json").read_text() == where.read_text()
         (other / "cpu-modes.json").write_text("[not an object")  # a broken write is not kept
-        _copy_mode_cache_out(settings, other)
+        copy_mode_cache_out(settings, other)
         assert json.loads(where.read_text()) == {"small_cnn|1x16x16": "fp32"}

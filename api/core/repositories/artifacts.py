@@ -22,7 +22,7 @@ class ArtifactRepository(Repository[Artifact]):
         *,
         org_id: uuid.UUID,
         kind: str,
-        format: str,  # noqa: A002 - the column's name
+        format: str,
         filename: str,
         size: int,
         sha256: str,

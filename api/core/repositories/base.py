@@ -39,7 +39,7 @@ class Repository(Generic[M]):
     def get_all(self, statement: Select[tuple[M]]) -> list[M]:
         return list(self.session.scalars(statement))
 
-    def get_by_id(self, id: Any, *, for_update: bool = False) -> M | None:  # noqa: A002
+    def get_by_id(self, id: Any, *, for_update: bool = False) -> M | None:
         """The row with primary key ``id``; ``for_update`` locks it (``SELECT ... FOR UPDATE``
         on PostgreSQL; SQLite serializes writers anyway)."""
         statement = self.base_statement().where(self.model.id == id)

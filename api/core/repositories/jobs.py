@@ -156,11 +156,12 @@ class JobRepository(Repository[Job]):
     def lock(self, job_id: uuid.UUID) -> Job | None:
         return self.get_by_id(job_id, for_update=True)
 
-    def update_owned(self, *, job_id: uuid.UUID, worker: str, **values: Any) -> bool:
+    def update_owned(self, *, job_id: uuid.UUID, worker: str, values: dict[str, Any]) -> bool:
         """Write ``values`` only while ``worker`` owns the running job."""
         return self.update_where(owned_by(job_id, worker), values=values) == 1
 
-    def update_in_status(self, *, job_id: uuid.UUID, status: JobStatus, **values: Any) -> bool:
+    def update_in_status(self, *, job_id: uuid.UUID, status: JobStatus,
+                         values: dict[str, Any]) -> bool:
         """Write ``values`` only while the job is in ``status`` (atomic against a concurrent
         transition); the job object of the session is not refreshed."""
         return bool(self.update_where(Job.id == job_id, Job.status == status.value,
