@@ -27,8 +27,8 @@ from worker.channel import JobChannel, JobLost, owner_alive, worker_identity
 from worker.runtime import Runtime
 from worker.staging import (
     JobSnapshot,
-    copy_mode_cache_in,
-    copy_mode_cache_out,
+    _copy_mode_cache_in,
+    _copy_mode_cache_out,
     fetch_inputs,
     prepare_scratch,
     snapshot,
@@ -141,7 +141,7 @@ class JobRunner:
         from defense_core.sandbox import Limits, run_contained, shared_pool
         from defense_core.sandbox.confine import gpu_device_paths
 
-        copy_mode_cache_in(self.settings, scratch)
+        _copy_mode_cache_in(self.settings, scratch)
         device = {"device": self.runtime.device, "threads": self.runtime.threads,
                   "mode_cache": "cpu-modes.json"}
         args = {
@@ -166,7 +166,7 @@ class JobRunner:
                                 should_stop=channel.should_stop, devices=devices, pool=pool)
         log.info("job %s: contained run took %.1f s, peak memory %.0f MiB", job_id, outcome.seconds,
                  outcome.peak_rss_bytes / 2**20)
-        copy_mode_cache_out(self.settings, scratch)
+        _copy_mode_cache_out(self.settings, scratch)
         return outcome.result
 
     def _purify_and_store(

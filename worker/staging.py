@@ -100,7 +100,7 @@ def fetch_inputs(snap: JobSnapshot, *, store: Any, scratch: Path) -> dict[str, s
     return names
 
 
-def copy_mode_cache_in(settings: Settings, scratch: Path) -> None:
+def _copy_mode_cache_in(settings: Settings, scratch: Path) -> None:
     source = settings.cpu_mode_cache_path
     try:
         if source.is_file() and source.stat().st_size <= MAX_MODE_CACHE_BYTES:
@@ -109,7 +109,7 @@ def copy_mode_cache_in(settings: Settings, scratch: Path) -> None:
         log.warning("could not copy the CPU mode cache %s", source, exc_info=True)
 
 
-def copy_mode_cache_out(settings: Settings, scratch: Path) -> None:
+def _copy_mode_cache_out(settings: Settings, scratch: Path) -> None:
     """Keep what the child learned about CPU modes, if it is a small JSON object."""
     written = scratch / "cpu-modes.json"
     try:

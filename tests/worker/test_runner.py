@@ -121,22 +121,22 @@ def test_jobs_remember_the_cpu_mode_in_the_hosts_cache_file(tmp_path):
     """The child learns CPU modes in its scratch copy; the worker keeps what it wrote."""
     import json
 
-    from worker.staging import copy_mode_cache_in, copy_mode_cache_out
+    from worker.staging import _copy_mode_cache_in, _copy_mode_cache_out
 
     for settings, where in ((Settings(data_dir=tmp_path / "var"), tmp_path / "var" / "cpu-modes.json"),
                             (Settings(data_dir=tmp_path / "var", cpu_mode_cache=tmp_path / "modes.json"),
                              tmp_path / "modes.json")):
         scratch = tmp_path / f"scratch-{where.name}"
         scratch.mkdir()
-        copy_mode_cache_in(settings, scratch)
+        _copy_mode_cache_in(settings, scratch)
         assert not (scratch / "cpu-modes.json").exists()  # nothing learned yet
         (scratch / "cpu-modes.json").write_text(json.dumps({"small_cnn|1x16x16": "fp32"}))
-        copy_mode_cache_out(settings, scratch)
+        _copy_mode_cache_out(settings, scratch)
         assert json.loads(where.read_text()) == {"small_cnn|1x16x16": "fp32"}
         other = tmp_path / f"next-{where.name}"
         other.mkdir()
-        copy_mode_cache_in(settings, other)  # the next job starts from it
+        _copy_mode_cache_in(settings, other)  # the next job starts from it
         assert (other / "cpu-modes.json").read_text() == where.read_text()
         (other / "cpu-modes.json").write_text("[not an object")  # a broken write is not kept
-        copy_mode_cache_out(settings, other)
+        _copy_mode_cache_out(settings, other)
         assert json.loads(where.read_text()) == {"small_cnn|1x16x16": "fp32"}
