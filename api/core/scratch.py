@@ -7,7 +7,7 @@ The process that made them removes them when it is done, but a SIGKILL (the
 Celery hard time limit, the OOM killer, a host reboot) leaves them behind, so:
 
 * the next attempt of a job empties its directory before it starts
-  (``worker.runner.prepare_scratch``);
+  (``worker.staging.prepare_scratch``);
 * :func:`sweep` — run by every reaper pass and at API start — removes job
   directories whose job is no longer running on a live process of this host,
   and upload directories and staged files older than their bound.
