@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 STATUS_POOL_SIZE = 4
 """PostgreSQL connections per API process for status reads. A poll holds one for a single
-round trip, so a few serve thousands of polls a second; a burst waits briefly for a free
-one instead of opening (and closing) new backends."""
+round trip, so a few are enough for the polling rates of ``bench/results/api.md``; a burst
+waits briefly for a free one instead of opening (and closing) new backends."""
 
 API_DESCRIPTION = """\
 Purify backdoored image classifiers with the TSBD defense.
@@ -65,9 +65,10 @@ def create_app(
     (see :class:`api.core.services.job_status.PgStatusReader`); ``freeze_gc`` moves every
     object that exists once start-up is done out of the cyclic garbage collector's reach
     (``gc.freeze``), as the served app (``api.main:app``) does: a full collection then
-    scans only what requests allocate, instead of the imported libraries' objects (about
-    330,000 with the engine, which upload validation needs: a pause of ~150 ms that every
-    in-flight request waits out). The engine is imported before the freeze for that reason."""
+    scans only what requests allocate, instead of the many objects of the imported
+    libraries (the engine, which upload validation needs, brings most of them): otherwise
+    each full collection is a pause that every in-flight request waits out (the figures are
+    in ``bench/results/api.md``). The engine is imported before the freeze for that reason."""
     if status_pool_size < 1:
         raise ValueError(f"status_pool_size must be >= 1, got {status_pool_size}")
     settings = settings if settings is not None else get_settings()
