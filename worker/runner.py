@@ -112,7 +112,8 @@ class JobRunner:
         except ResourceLimitError as exc:
             log.info("job %s stopped at its %s bound: %s", job_id, exc.bound, exc)
             if exc.bound == "time":
-                self._fail(job_id, job_errors.time_limit_error(limit_s=self.settings.job_soft_time_limit_s))
+                self._fail(job_id, job_errors.time_limit_error(
+                    limit_s=self.settings.job_soft_time_limit_s))
             else:
                 self._fail(job_id, job_errors.input_error(exc))
             return "failed"
@@ -121,7 +122,8 @@ class JobRunner:
             self._fail(job_id, job_errors.input_error(exc))
             return "failed"
         except SoftTimeLimitExceeded:
-            self._fail(job_id, job_errors.time_limit_error(limit_s=self.settings.job_soft_time_limit_s))
+            self._fail(job_id, job_errors.time_limit_error(
+                limit_s=self.settings.job_soft_time_limit_s))
             return "failed"
         except ChildFailed as exc:
             log.error("job %s failed in its contained child: %s", job_id, exc)

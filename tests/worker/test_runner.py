@@ -18,11 +18,11 @@ from api.core.db import session_scope
 from api.core.errors import ServiceUnavailable
 from api.core.models import Artifact, Job, utcnow
 from api.core.queue import make_celery, queue_depth
-from api.core.settings import Settings
 from api.core.services.job_types import ReapPolicy
+from api.core.settings import Settings
 from api.core.store import LocalStore
-from worker.reaper import ReaperConfig, reap_once
 from worker.channel import owner_alive
+from worker.reaper import ReaperConfig, reap_once
 from worker.runner import JobRunner
 from worker.runtime import Runtime
 
