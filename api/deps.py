@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.core.auth import authenticate, require_scope
 from api.core.errors import Unauthorized
 from api.core.models import ApiKey, Organization, utcnow
-from api.core.services.jobs import StatusReader, TaskQueue
+from api.core.services.job_status import StatusReader
+from api.core.services.task_queue import TaskQueue
 from api.core.settings import Settings
 from api.core.store import ArtifactStore
 from api.metrics import ApiMetrics

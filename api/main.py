@@ -20,7 +20,8 @@ from fastapi.routing import APIRoute, APIRouter
 
 from api.core import scratch
 from api.core.db import make_engine, make_session_factory, session_scope, upgrade_database
-from api.core.services import jobs as job_service
+from api.core.services import job_queries, job_status
+from api.core.services.task_queue import CeleryTaskQueue
 from api.core.settings import Settings, get_settings
 from api.core.store import make_store
 from api.deps import DEFAULT_KEY_CACHE_TTL_S, KeyCache
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 STATUS_POOL_SIZE = 4
 """PostgreSQL connections per API process for status reads. A poll holds one for a single
-round trip, so a few serve thousands of polls a second; a burst waits briefly for a free
-one instead of opening (and closing) new backends."""
+round trip, so a few are enough for the polling rates of ``bench/results/api.md``; a burst
+waits briefly for a free one instead of opening (and closing) new backends."""
 
 API_DESCRIPTION = """\
 Purify backdoored image classifiers with the TSBD defense.
@@ -61,12 +62,13 @@ def create_app(
     at start-up; ``key_cache_ttl_s`` bounds how long an authenticated key is reused
     without a database look-up (0 = never, see :class:`api.deps.KeyCache`);
     ``status_pool_size`` bounds the PostgreSQL connections of status polling
-    (see :class:`api.core.services.jobs.PgStatusReader`); ``freeze_gc`` moves every
+    (see :class:`api.core.services.job_status.PgStatusReader`); ``freeze_gc`` moves every
     object that exists once start-up is done out of the cyclic garbage collector's reach
     (``gc.freeze``), as the served app (``api.main:app``) does: a full collection then
-    scans only what requests allocate, instead of the imported libraries' objects (about
-    330,000 with the engine, which upload validation needs: a pause of ~150 ms that every
-    in-flight request waits out). The engine is imported before the freeze for that reason."""
+    scans only what requests allocate, instead of the many objects of the imported
+    libraries (the engine, which upload validation needs, brings most of them): otherwise
+    each full collection is a pause that every in-flight request waits out (the figures are
+    in ``bench/results/api.md``). The engine is imported before the freeze for that reason."""
     if status_pool_size < 1:
         raise ValueError(f"status_pool_size must be >= 1, got {status_pool_size}")
     settings = settings if settings is not None else get_settings()
@@ -74,13 +76,13 @@ def create_app(
 
     engine = make_engine(settings.database_url, echo=settings.database_echo)
     session_factory = make_session_factory(engine)
-    status_reader = job_service.make_status_reader(
+    status_reader = job_status.make_status_reader(
         database_url=settings.database_url, engine=engine, pool_size=status_pool_size
     )
 
     def count_jobs() -> dict[str, int]:
         with session_scope(session_factory) as session:
-            return job_service.counts_by_status(session=session)
+            return job_queries.counts_by_status(session=session)
 
     metrics = ApiMetrics(count_jobs=count_jobs)
 
@@ -112,7 +114,7 @@ def create_app(
     app.state.status_reader = status_reader
     app.state.session_factory = session_factory
     app.state.store = make_store(settings)
-    app.state.queue = job_service.CeleryTaskQueue(settings)
+    app.state.queue = CeleryTaskQueue(settings)
     app.state.metrics = metrics
     app.state.key_cache = KeyCache(ttl_s=key_cache_ttl_s)
 

@@ -1,8 +1,9 @@
 """A lean ASGI path for the hottest request: ``GET /v1/jobs/{id}`` by a recently seen key.
 
-Status polling is most of an API process's traffic. Through the full stack each poll
-pays for Starlette's routing, FastAPI's dependency resolution and request objects, about
-half of its CPU time. This middleware answers the common case directly:
+Status polling is most of an API process's traffic, and through the full stack much of
+a poll's CPU time goes to Starlette's routing, FastAPI's dependency resolution and
+request objects rather than to the read (measured in ``bench/results/api.md``). This
+middleware answers the common case directly:
 
 - method ``GET``, path exactly ``/v1/jobs/<uuid>`` (no root path);
 - ``Authorization: Bearer <key>`` for a key in the :class:`api.deps.KeyCache` (seen and
@@ -26,7 +27,7 @@ from pydantic_core import to_json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.core.errors import NotFound
-from api.core.services.jobs import StatusReader
+from api.core.services.job_status import StatusReader
 from api.deps import KeyCache
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.core import scratch
 from api.core.db import session_scope
 from api.core.queue import enqueue_purify, queue_depth
-from api.core.services import runs
+from api.core.services import job_queries, lifecycle
+from api.core.services.job_types import ReapPolicy, ReapReport
 from api.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ MIN_INTERVAL_S = 0.5
 @dataclass(frozen=True)
 class ReaperConfig:
     interval_s: float
-    policy: runs.ReapPolicy
+    policy: ReapPolicy
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
@@ -41,7 +42,7 @@ class ReaperConfig:
         stale = settings.heartbeat_stale_s
         return cls(
             interval_s=min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, stale / 4)),
-            policy=runs.ReapPolicy(
+            policy=ReapPolicy(
                 stale_after_s=stale,
                 queued_after_s=max(MIN_QUEUED_AFTER_S, 2 * stale),
                 max_attempts=settings.job_max_attempts,
@@ -52,21 +53,21 @@ class ReaperConfig:
 
 def reap_once(
     *, settings: Settings, session_factory: sessionmaker[Session], celery_app: Celery, config: ReaperConfig
-) -> runs.ReapReport:
+) -> ReapReport:
     """One pass: fix rows, commit, then send the jobs that need a message."""
     with session_scope(session_factory) as session:
-        queued = runs.count_queued(session=session)
+        queued = job_queries.count_queued(session=session)
     depth = queue_depth(celery_app) if queued else 0
     # Messages already waiting cover that many queued jobs; resend only the rest.
     resend_limit = None if depth is None else max(0, queued - depth)
     with session_scope(session_factory) as session:
-        report = runs.reap(session=session, policy=config.policy, resend_limit=resend_limit)
+        report = lifecycle.reap(session=session, policy=config.policy, resend_limit=resend_limit)
     for job_id in report.to_enqueue:
         task_id = enqueue_purify(settings=settings, job_id=job_id, app=celery_app)
         with session_scope(session_factory) as session:
-            runs.set_task_id(session=session, job_id=job_id, task_id=task_id)
+            lifecycle.record_task_id(session=session, job_id=job_id, task_id=task_id)
     try:
-        from worker.runner import owner_alive, worker_identity
+        from worker.channel import owner_alive, worker_identity
 
         me = worker_identity()  # a job of this very process (a solo pool) is alive
         scratch.sweep(settings=settings, session_factory=session_factory,

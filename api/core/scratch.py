@@ -7,7 +7,7 @@ The process that made them removes them when it is done, but a SIGKILL (the
 Celery hard time limit, the OOM killer, a host reboot) leaves them behind, so:
 
 * the next attempt of a job empties its directory before it starts
-  (``worker.runner.prepare_scratch``);
+  (``worker.staging.prepare_scratch``);
 * :func:`sweep` — run by every reaper pass and at API start — removes job
   directories whose job is no longer running on a live process of this host,
   and upload directories and staged files older than their bound.
@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.db import session_scope
-from api.core.models import Job
+from api.core.repositories import JobRepository
 from api.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,9 +82,7 @@ def sweep(
                 continue  # not ours
     if job_dirs and session_factory is not None:
         with session_scope(session_factory) as session:
-            rows = session.execute(
-                select(Job.id, Job.status, Job.worker).where(Job.id.in_(list(job_dirs)))
-            ).all()
+            rows = JobRepository(session).owners(job_dirs)
         running = {
             row.id for row in rows
             if row.status == "running" and (owner_alive is None or row.worker is None or owner_alive(row.worker))

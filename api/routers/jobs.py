@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic_core import to_json
 
 from api.core.models import Job, JobStatus
-from api.core.services import jobs as job_service
+from api.core.services import job_queries, lifecycle
+from api.core.services.job_status import job_view
+from api.core.services.jobs import JobRequest
 from api.deps import CurrentOrg, QueueDep, SessionDep, StatusReaderDep, StoreDep
 from api.schemas import (
     RESULT_EXAMPLE,
@@ -36,36 +38,8 @@ IdempotencyKey = Annotated[
 ]
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    """The job as ``JobRead``."""
-    return {
-        "id": job.id,
-        "status": job.status,
-        "stage": job.stage,
-        "progress": {
-            "step": job.progress_step,
-            "total": job.progress_total,
-            "metrics": job.progress_metrics,
-        },
-        "defense": job.defense,
-        "params": job.params or {},
-        "model_id": job.model_id,
-        "clean_dataset_id": job.clean_dataset_id,
-        "test_dataset_id": job.test_dataset_id,
-        "poisoned_dataset_id": job.poisoned_dataset_id,
-        "trigger": job.trigger,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "cancel_requested": bool(job.cancel_requested),
-        "attempts": job.attempts or 0,
-        "summary": job_service.summary(job),
-        "error": job.error,
-        "purified_model_id": job.purified_model_id,
-    }
-
-
-def _job_response(job: Job, *, status_code: int, headers: dict[str, str] | None = None) -> JSONResponse:
+def _job_response(job: Job, *, status_code: int,
+                  headers: dict[str, str] | None = None) -> JSONResponse:
     body = JobRead.model_validate(job_view(job)).model_dump(mode="json")
     all_headers = {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
     return JSONResponse(body, status_code=status_code, headers=all_headers)
@@ -93,8 +67,8 @@ def create_job(
     org: CurrentOrg,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    request = job_service.JobRequest(**body.model_dump())
-    job, created = job_service.create(
+    request = JobRequest(**body.model_dump())
+    job, created = lifecycle.create(
         session=session, queue=queue, org_id=org.id, request=request,
         idempotency_key=idempotency_key,
     )
@@ -112,12 +86,12 @@ def create_job(
 def list_jobs(
     session: SessionDep,
     org: CurrentOrg,
-    limit: Annotated[int, Query(ge=1, le=job_service.MAX_PAGE)] = 20,
+    limit: Annotated[int, Query(ge=1, le=job_queries.MAX_PAGE)] = 20,
     cursor: Annotated[str | None, Query(max_length=512, description="`next_cursor` of "
                                         "the previous page")] = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status")] = None,
 ) -> dict[str, Any]:
-    page = job_service.list_jobs(
+    page = job_queries.list_jobs(
         session=session, org_id=org.id, limit=limit, cursor=cursor,
         status=None if status is None else status.value,
     )
@@ -152,7 +126,7 @@ def list_events(
     after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    events = job_service.list_events(
+    events = job_queries.list_events(
         session=session, org_id=org.id, job_id=job_id, after=after, limit=limit
     )
     return {"items": events, "next_after": events[-1].id if events else after}
@@ -171,7 +145,7 @@ def list_events(
     },
 )
 def get_result(job_id: uuid.UUID, session: SessionDep, org: CurrentOrg) -> JSONResponse:
-    return JSONResponse(job_service.result(session=session, org_id=org.id, job_id=job_id))
+    return JSONResponse(job_queries.result(session=session, org_id=org.id, job_id=job_id))
 
 
 @router.get(
@@ -193,7 +167,7 @@ def download_model(
     org: CurrentOrg,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=512)] = None,
 ) -> Response:
-    artifact = job_service.purified_model(session=session, org_id=org.id, job_id=job_id)
+    artifact = job_queries.purified_model(session=session, org_id=org.id, job_id=job_id)
     etag = f'"{artifact.sha256}"'
     digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
     headers = {
@@ -226,6 +200,6 @@ def download_model(
 )
 def cancel_job(job_id: uuid.UUID, session: SessionDep, queue: QueueDep,
                org: CurrentOrg) -> dict[str, Any]:
-    return job_view(job_service.cancel(session=session, queue=queue, org_id=org.id, job_id=job_id))
+    return job_view(lifecycle.cancel(session=session, queue=queue, org_id=org.id, job_id=job_id))
 
 

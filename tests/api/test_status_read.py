@@ -13,7 +13,7 @@ from pydantic_core import to_json
 from sqlalchemy import text
 
 from api.core.models import Job, JobStatus, utcnow
-from api.core.services.jobs import PgStatusReader
+from api.core.services.job_status import PgStatusReader
 from api.routers.jobs import job_view
 from api.schemas import JobRead
 from tests.api.conftest import Api, Tenant
@@ -241,3 +241,18 @@ def test_pg_status_reader_answers_concurrent_polls_in_batches(postgres_url: str,
     assert all(isinstance(r, NotFound) for r in results[24:])  # other tenant's job, unknown job
     # the first poll takes the only connection alone; the other 25 wait and share one query
     assert queries == [1, 4], queries
+
+
+def test_pg_batch_statement_is_the_status_query_compiled_for_psycopg() -> None:
+    """The PostgreSQL statement comes from the same column list: the status columns in
+    order, then ``org_id``; the JSON paths inline, ``job_ids`` the only parameter."""
+    import re
+
+    from api.core.services import job_status
+
+    sql = job_status._PG_STATUS_BATCH_SQL
+    assert re.findall(r"%\((\w+)\)s", sql) == ["job_ids"]
+    assert "#> '{metrics, before}'" in sql and "-> 'fidelity'" in sql
+    selected = sql.split("FROM")[0].removeprefix("SELECT ").split(", jobs.")
+    assert len(selected) == len(job_status._STATUS_COLUMNS) + 1
+    assert selected[-1].strip() == "org_id"

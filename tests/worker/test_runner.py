@@ -18,11 +18,12 @@ from api.core.db import session_scope
 from api.core.errors import ServiceUnavailable
 from api.core.models import Artifact, Job, utcnow
 from api.core.queue import make_celery, queue_depth
+from api.core.services.job_types import ReapPolicy
 from api.core.settings import Settings
-from api.core.services.runs import ReapPolicy
 from api.core.store import LocalStore
+from worker.channel import owner_alive
 from worker.reaper import ReaperConfig, reap_once
-from worker.runner import JobRunner, owner_alive
+from worker.runner import JobRunner
 from worker.runtime import WorkerDevice
 
 pytestmark = pytest.mark.postgres
@@ -120,7 +121,7 @@ def test_jobs_remember_the_cpu_mode_in_the_hosts_cache_file(tmp_path):
     """The child learns CPU modes in its scratch copy; the worker keeps what it wrote."""
     import json
 
-    from worker.runner import _copy_mode_cache_in, _copy_mode_cache_out
+    from worker.staging import _copy_mode_cache_in, _copy_mode_cache_out
 
     for settings, where in ((Settings(data_dir=tmp_path / "var"), tmp_path / "var" / "cpu-modes.json"),
                             (Settings(data_dir=tmp_path / "var", cpu_mode_cache=tmp_path / "modes.json"),

@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.db import session_scope
 from api.core.models import Artifact, Job, JobEvent
-from api.core.services import runs
+from api.core.services import job_errors, job_queries, job_types, lifecycle
 from defense_core.errors import ModelLoadError
+from worker.channel import ProgressThrottle
 
 pytestmark = pytest.mark.postgres
 
@@ -33,7 +34,7 @@ def _events(factory: sessionmaker[Session], job_id: uuid.UUID) -> list[JobEvent]
 
 def _claim(factory, job_id, *, worker=W1, now=NOW, alive=lambda owner: True, max_attempts=2):
     with session_scope(factory) as session:
-        return runs.claim(
+        return lifecycle.claim(
             session=session, job_id=job_id, worker=worker, stale_after_s=60,
             max_attempts=max_attempts, owner_alive=alive, now=now,
         )
@@ -42,7 +43,7 @@ def _claim(factory, job_id, *, worker=W1, now=NOW, alive=lambda owner: True, max
 def test_claim_moves_a_queued_job_to_running(session_factory, make_job):
     job_id = make_job()
     claim = _claim(session_factory, job_id)
-    assert claim == runs.Claim(runs.ClaimOutcome.CLAIMED, 1)
+    assert claim == job_types.Claim(job_types.ClaimOutcome.CLAIMED, 1)
     job = _job(session_factory, job_id)
     assert (job.status, job.attempts, job.worker, job.stage) == ("running", 1, W1, "loading")
     assert job.started_at == NOW and job.heartbeat_at == NOW
@@ -51,9 +52,9 @@ def test_claim_moves_a_queued_job_to_running(session_factory, make_job):
 
 
 def test_claim_is_a_no_op_for_missing_and_terminal_jobs(session_factory, make_job):
-    assert _claim(session_factory, uuid.uuid4()).outcome is runs.ClaimOutcome.MISSING
+    assert _claim(session_factory, uuid.uuid4()).outcome is job_types.ClaimOutcome.MISSING
     job_id = make_job(status="succeeded", attempts=1)
-    assert _claim(session_factory, job_id).outcome is runs.ClaimOutcome.TERMINAL
+    assert _claim(session_factory, job_id).outcome is job_types.ClaimOutcome.TERMINAL
     job = _job(session_factory, job_id)
     assert (job.status, job.attempts) == ("succeeded", 1)
     assert _events(session_factory, job_id) == []
@@ -61,26 +62,26 @@ def test_claim_is_a_no_op_for_missing_and_terminal_jobs(session_factory, make_jo
 
 def test_claim_cancels_a_job_whose_cancel_was_requested(session_factory, make_job):
     job_id = make_job(cancel_requested=True)
-    assert _claim(session_factory, job_id).outcome is runs.ClaimOutcome.CANCELLED
+    assert _claim(session_factory, job_id).outcome is job_types.ClaimOutcome.CANCELLED
     job = _job(session_factory, job_id)
     assert (job.status, job.attempts, job.finished_at) == ("cancelled", 0, NOW)
 
 
 def test_claim_leaves_a_job_running_under_a_live_worker(session_factory, make_job):
     job_id = make_job(status="running", attempts=1, worker=W2, heartbeat_at=NOW - timedelta(seconds=30))
-    assert _claim(session_factory, job_id).outcome is runs.ClaimOutcome.BUSY
+    assert _claim(session_factory, job_id).outcome is job_types.ClaimOutcome.BUSY
     assert _job(session_factory, job_id).worker == W2
     # the same row, but its owner is known dead (a killed process on this host): taken over
     dead = _claim(session_factory, job_id, alive=lambda owner: owner != W2)
-    assert dead == runs.Claim(runs.ClaimOutcome.CLAIMED, 2)
+    assert dead == job_types.Claim(job_types.ClaimOutcome.CLAIMED, 2)
     assert _job(session_factory, job_id).worker == W1
 
 
 def test_claim_takes_over_a_stale_job_and_gives_up_after_max_attempts(session_factory, make_job):
     job_id = make_job(status="running", attempts=1, worker=W2, heartbeat_at=NOW - timedelta(seconds=61))
-    assert _claim(session_factory, job_id) == runs.Claim(runs.ClaimOutcome.CLAIMED, 2)
+    assert _claim(session_factory, job_id) == job_types.Claim(job_types.ClaimOutcome.CLAIMED, 2)
     later = NOW + timedelta(seconds=120)
-    assert _claim(session_factory, job_id, worker="host-c:1", now=later).outcome is runs.ClaimOutcome.EXHAUSTED
+    assert _claim(session_factory, job_id, worker="host-c:1", now=later).outcome is job_types.ClaimOutcome.EXHAUSTED
     job = _job(session_factory, job_id)
     assert job.status == "failed"
     assert job.error["type"] == "worker-lost" and job.error["code"] == "worker-lost"
@@ -92,15 +93,15 @@ def test_progress_is_mirrored_on_the_job_and_refused_to_a_non_owner(session_fact
     _claim(session_factory, job_id)
     at = NOW + timedelta(seconds=5)
     with session_scope(session_factory) as session:
-        assert runs.record_progress(
+        assert lifecycle.record_progress(
             session=session, job_id=job_id, worker=W1, stage="unlearning", step=3, total=10,
             metrics={"loss": 0.5, "bad": float("nan")}, now=at,
         )
     with session_scope(session_factory) as session:
-        assert not runs.record_progress(
+        assert not lifecycle.record_progress(
             session=session, job_id=job_id, worker=W2, stage="finetuning", step=1, total=2, now=at,
         )
-        assert not runs.heartbeat(session=session, job_id=job_id, worker=W2, now=at)
+        assert not lifecycle.heartbeat(session=session, job_id=job_id, worker=W2, now=at)
     job = _job(session_factory, job_id)
     assert (job.stage, job.progress_step, job.progress_total) == ("unlearning", 3, 10)
     assert job.progress_metrics == {"loss": 0.5, "bad": None}
@@ -110,7 +111,7 @@ def test_progress_is_mirrored_on_the_job_and_refused_to_a_non_owner(session_fact
 
 
 def test_progress_throttle_writes_stage_changes_and_last_steps_only_once_a_second():
-    throttle = runs.ProgressThrottle(interval_s=1.0)
+    throttle = ProgressThrottle(interval_s=1.0)
     calls = [  # (stage, step, total, at) -> expected
         (("unlearning", 1, 100, 0.0), True),   # first tick
         (("unlearning", 2, 100, 0.5), False),  # too soon
@@ -127,11 +128,11 @@ def test_succeed_writes_result_artifact_and_status_together(session_factory, mak
     job_id = make_job()
     _claim(session_factory, job_id)
     artifact_id = uuid.uuid4()
-    purified = runs.PurifiedModel(artifact_id=artifact_id, storage_key=f"orgs/x/artifacts/{artifact_id}", size=123, sha256="a" * 64)
+    purified = job_types.PurifiedModel(artifact_id=artifact_id, storage_key=f"orgs/x/artifacts/{artifact_id}", size=123, sha256="a" * 64)
     with session_scope(session_factory) as session:
-        assert runs.succeed(session=session, job_id=job_id, worker=W2, result={}, purified=purified) is None
+        assert lifecycle.succeed(session=session, job_id=job_id, worker=W2, result={}, purified=purified) is None
     with session_scope(session_factory) as session:
-        artifact = runs.succeed(session=session, job_id=job_id, worker=W1, result={"der": 0.9}, purified=purified, now=NOW)
+        artifact = lifecycle.succeed(session=session, job_id=job_id, worker=W1, result={"der": 0.9}, purified=purified, now=NOW)
         assert artifact is not None
     job = _job(session_factory, job_id)
     assert (job.status, job.result, job.purified_model_id, job.finished_at) == ("succeeded", {"der": 0.9}, artifact_id, NOW)
@@ -141,23 +142,23 @@ def test_succeed_writes_result_artifact_and_status_together(session_factory, mak
         assert row.meta["job_id"] == str(job_id)
     # a terminal job is never changed again
     with session_scope(session_factory) as session:
-        assert not runs.fail(session=session, job_id=job_id, error=runs.internal_error(RuntimeError("x")))
-        assert not runs.cancelled(session=session, job_id=job_id)
+        assert not lifecycle.fail(session=session, job_id=job_id, error=job_errors.internal_error(RuntimeError("x")))
+        assert not lifecycle.cancelled(session=session, job_id=job_id)
     assert _job(session_factory, job_id).status == "succeeded"
 
 
 def test_fail_tells_bad_input_from_internal_faults(session_factory, make_job):
-    bad = runs.input_error(ModelLoadError("missing key conv1.weight"))
+    bad = job_errors.input_error(ModelLoadError("missing key conv1.weight"))
     assert bad == {"type": "invalid-input", "title": "Invalid input", "detail": "missing key conv1.weight", "code": "model-mismatch"}
-    internal = runs.internal_error(KeyError("secret/path/in/trace"))
+    internal = job_errors.internal_error(KeyError("secret/path/in/trace"))
     assert internal["type"] == "internal-error" and internal["code"] == "internal"
     assert "KeyError" in internal["detail"] and "secret/path" not in internal["detail"]
 
     job_id = make_job()
     _claim(session_factory, job_id)
     with session_scope(session_factory) as session:
-        assert not runs.fail(session=session, job_id=job_id, error=bad, worker=W2)
-        assert runs.fail(session=session, job_id=job_id, error=bad, worker=W1, now=NOW)
+        assert not lifecycle.fail(session=session, job_id=job_id, error=bad, worker=W2)
+        assert lifecycle.fail(session=session, job_id=job_id, error=bad, worker=W1, now=NOW)
     job = _job(session_factory, job_id)
     assert (job.status, job.error, job.finished_at) == ("failed", bad, NOW)
     assert [e.status for e in _events(session_factory, job_id)] == ["running", "failed"]
@@ -167,12 +168,12 @@ def test_cancel_flag_and_ownership_are_read_together(session_factory, make_job):
     job_id = make_job()
     _claim(session_factory, job_id)
     with session_scope(session_factory) as session:
-        assert runs.job_control(session=session, job_id=job_id, worker=W1) == runs.JobControl(False, True)
-        assert runs.job_control(session=session, job_id=job_id, worker=W2) == runs.JobControl(False, False)
+        assert job_queries.job_control(session=session, job_id=job_id, worker=W1) == job_queries.JobControl(False, True)
+        assert job_queries.job_control(session=session, job_id=job_id, worker=W2) == job_queries.JobControl(False, False)
         session.get(Job, job_id).cancel_requested = True
     with session_scope(session_factory) as session:
-        assert runs.cancel_requested(session=session, job_id=job_id)
-        assert runs.cancelled(session=session, job_id=job_id, worker=W1)
+        assert job_queries.cancel_requested(session=session, job_id=job_id)
+        assert lifecycle.cancelled(session=session, job_id=job_id, worker=W1)
     assert _job(session_factory, job_id).status == "cancelled"
 
 
@@ -180,16 +181,16 @@ def test_release_puts_a_running_job_back_in_the_queue(session_factory, make_job)
     job_id = make_job()
     _claim(session_factory, job_id)
     with session_scope(session_factory) as session:
-        assert not runs.release(session=session, job_id=job_id, worker=W2, reason="x")
-        assert runs.release(session=session, job_id=job_id, worker=W1, reason="database hiccup")
+        assert not lifecycle.release(session=session, job_id=job_id, worker=W2, reason="x")
+        assert lifecycle.release(session=session, job_id=job_id, worker=W1, reason="database hiccup")
     job = _job(session_factory, job_id)
     assert (job.status, job.worker, job.attempts) == ("queued", None, 1)
 
 
-def _reap(factory, *, now, policy=None, resend_limit=None) -> runs.ReapReport:
-    policy = policy or runs.ReapPolicy(stale_after_s=60, queued_after_s=300, max_attempts=2, time_limit_s=3600)
+def _reap(factory, *, now, policy=None, resend_limit=None) -> job_types.ReapReport:
+    policy = policy or job_types.ReapPolicy(stale_after_s=60, queued_after_s=300, max_attempts=2, time_limit_s=3600)
     with session_scope(factory) as session:
-        return runs.reap(session=session, policy=policy, resend_limit=resend_limit, now=now)
+        return lifecycle.reap(session=session, policy=policy, resend_limit=resend_limit, now=now)
 
 
 def test_reaper_requeues_once_then_fails_lost_jobs(session_factory, make_job):
@@ -236,6 +237,6 @@ def test_reaper_resends_forgotten_queued_jobs_once_per_threshold(session_factory
 
 def test_reap_policy_validates():
     with pytest.raises(ValueError):
-        runs.ReapPolicy(stale_after_s=0, queued_after_s=1, max_attempts=1)
+        job_types.ReapPolicy(stale_after_s=0, queued_after_s=1, max_attempts=1)
     with pytest.raises(ValueError):
-        runs.ReapPolicy(stale_after_s=1, queued_after_s=1, max_attempts=0)
+        job_types.ReapPolicy(stale_after_s=1, queued_after_s=1, max_attempts=0)

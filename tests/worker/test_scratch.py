@@ -11,7 +11,8 @@ import pytest
 
 from api.core.scratch import STAGED_MAX_AGE_S, sweep
 from api.core.settings import Settings
-from worker.runner import owner_alive, prepare_scratch, worker_identity
+from worker.channel import owner_alive, worker_identity
+from worker.staging import prepare_scratch
 
 pytestmark = pytest.mark.postgres
 

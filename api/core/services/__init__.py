@@ -1,8 +1,11 @@
 """Application services shared by the API and the worker.
 
-``artifacts`` (uploads: stage, validate with the engine, store, record),
-``jobs`` (create with validation and idempotency, read, list, cancel) and
-``runs`` (the worker's state transitions). This module holds what they share:
+``artifacts`` (uploads: stage, validate with the engine, store, record) and, for jobs:
+``jobs`` (the request and its validation), ``lifecycle`` (every transition: create,
+claim, heartbeat, progress, succeed, fail, release, cancel, reap), ``job_queries`` (reads),
+``job_status`` (the status-polling hot path), ``job_errors`` (domain errors and a failed
+job's error document), ``job_types`` (the values transitions take and return) and
+``task_queue`` (enqueue and revoke through Celery). This module holds what they share:
 turning the engine's :class:`~defense_core.errors.InputError` into a
 :class:`~api.core.errors.DomainError` that keeps the engine's stable code.
 """
