@@ -6,12 +6,12 @@ STAMP := $(VENV)/.cleanroom-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-fast services clean-demo
+.PHONY: help install demo test test-fast lint services clean-demo
 
 help:
 	@echo "make demo   - install, start the embedded service, purify a backdoored MNIST model over HTTP"
 	@echo "make test   - install, start PostgreSQL and Redis, run the whole test suite"
-	@echo "make install, make services, make test-fast (without the slow end-to-end tests)"
+	@echo "make install, make services, make lint (ruff), make test-fast (without the slow end-to-end tests)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,10 @@ services:
 demo: install
 	@PATH="$(abspath $(VENV))/bin:$$PATH" scripts/demo.sh
 
-test: install services
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install services lint
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: install services

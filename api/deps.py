@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from datetime import timedelta
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,7 +27,6 @@ from api.core.services.task_queue import TaskQueue
 from api.core.settings import Settings
 from api.core.store import ArtifactStore
 from api.metrics import ApiMetrics
-
 
 # The dependencies that do no I/O are ``async def`` so that FastAPI runs them on the
 # event loop instead of paying a thread-pool round trip each (status polling is hot).

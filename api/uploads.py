@@ -72,7 +72,7 @@ class _PartState:
 class _StagingWriter:
     """Receives the parser's callbacks; buffers file bytes for the writer thread."""
 
-    def __init__(self, *, fh: "os.PathLike[str] | object", max_file_bytes: int,
+    def __init__(self, *, fh: os.PathLike[str] | object, max_file_bytes: int,
                  text_fields: frozenset[str]) -> None:
         self.fh = fh
         self.max_file_bytes = max_file_bytes

@@ -70,14 +70,14 @@ def is_filesystem_broker(broker_url: str) -> bool:
     return urlsplit(broker_url).scheme == "filesystem"
 
 
-def filesystem_layout(settings: "Settings") -> BrokerLayout:
+def filesystem_layout(settings: Settings) -> BrokerLayout:
     """``filesystem:///abs/dir`` names the folder; bare ``filesystem://`` means ``settings.broker_folder``."""
     path = urlsplit(settings.broker_url).path
     root = Path(path) if path not in ("", "/") else Path(settings.broker_folder)
     return BrokerLayout(root=root.expanduser().resolve())
 
 
-def celery_config(settings: "Settings") -> dict[str, Any]:
+def celery_config(settings: Settings) -> dict[str, Any]:
     """Every Celery setting the service relies on, in one place (and testable)."""
     soft_limit = int(settings.job_soft_time_limit_s)
     hard_limit = int(settings.job_time_limit_s)
@@ -130,7 +130,7 @@ def celery_config(settings: "Settings") -> dict[str, Any]:
     return config
 
 
-def make_celery(settings: "Settings") -> Celery:
+def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from ``settings`` (used by the API to send, by the worker to run)."""
     config = celery_config(settings)
     if is_filesystem_broker(settings.broker_url):
@@ -141,12 +141,12 @@ def make_celery(settings: "Settings") -> Celery:
 
 
 @lru_cache(maxsize=8)
-def shared_celery(settings: "Settings") -> Celery:
+def shared_celery(settings: Settings) -> Celery:
     """One producer app (and connection pool) per settings object, reused across requests."""
     return make_celery(settings)
 
 
-def enqueue_purify(*, settings: "Settings", job_id: uuid.UUID | str, app: Celery | None = None) -> str:
+def enqueue_purify(*, settings: Settings, job_id: uuid.UUID | str, app: Celery | None = None) -> str:
     """Send the purify task for ``job_id`` by name; returns the Celery task id.
 
     Call only after the job row is committed: the worker re-reads it.
@@ -169,7 +169,7 @@ def queue_depth(app: Celery) -> int | None:
         return None
 
 
-def revoke(*, settings: "Settings", task_id: str | None, app: Celery | None = None) -> bool:
+def revoke(*, settings: Settings, task_id: str | None, app: Celery | None = None) -> bool:
     """Best-effort revoke of a queued/running task. Returns whether a broadcast was sent.
 
     The cancel flag in the database is what actually stops a job (the worker

@@ -37,7 +37,7 @@ from fastapi.testclient import TestClient
 from api.core.settings import Settings
 from api.main import create_app
 from tests.api.conftest import Api, Tenant
-from tests.hostile_corpus import CASES, Case, SECRET, valid_model, valid_npz
+from tests.hostile_corpus import CASES, SECRET, Case, valid_model, valid_npz
 
 pytestmark = pytest.mark.slow
 

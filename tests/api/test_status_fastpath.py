@@ -10,8 +10,8 @@ from starlette.types import Receive, Scope, Send
 
 from api.status_fastpath import StatusFastPath
 from tests.api.conftest import Api
-from tests.api.test_uploads import assert_problem
 from tests.api.test_jobs import create_job, upload_inputs
+from tests.api.test_uploads import assert_problem
 
 
 class _Recorder:
@@ -59,8 +59,8 @@ def test_cached_poll_skips_the_router_and_returns_the_same_bytes(api: Api, model
 
     # both polls are in the request metrics, under the route template
     metrics = api.metrics_text()
-    line = next(l for l in metrics.splitlines() if l.startswith("cleanroom_http_requests_total{")
-                and 'route="/v1/jobs/{job_id}"' in l and 'status="200"' in l and 'method="GET"' in l)
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("cleanroom_http_requests_total{")
+                and 'route="/v1/jobs/{job_id}"' in ln and 'status="200"' in ln and 'method="GET"' in ln)
     assert float(line.rsplit(" ", 1)[1]) == 2.0
 
 

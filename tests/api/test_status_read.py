@@ -235,7 +235,7 @@ def test_pg_status_reader_answers_concurrent_polls_in_batches(postgres_url: str,
             await reader.close()
 
     results = asyncio.run(scenario())
-    for (_, job_id), result in zip(asks[:24], results[:24]):
+    for (_, job_id), result in zip(asks[:24], results[:24], strict=True):
         assert not isinstance(result, BaseException), result
         assert json.loads(to_json(result)) == expected[str(job_id)]
     assert all(isinstance(r, NotFound) for r in results[24:])  # other tenant's job, unknown job

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.db import make_engine, make_session_factory, session_scope
 from api.core.models import Artifact, Job, Organization
+from tests.api.conftest import api_factory  # noqa: F401  (a fixture the worker tests share with the API tests)
 
 
 @pytest.fixture(scope="module")

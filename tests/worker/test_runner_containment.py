@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from api.core.db import session_scope
 from api.core.models import Artifact, Job
-from tests.api.conftest import Api, api_factory, npz_bytes  # noqa: F401  (api_factory: a fixture)
+from tests.api.conftest import Api, npz_bytes
 from tests.hostile_models import SPEC, Benign, Looper, scripted_bytes
 from worker.runner import JobRunner
 from worker.runtime import WorkerDevice

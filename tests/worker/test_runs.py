@@ -128,14 +128,23 @@ def test_succeed_writes_result_artifact_and_status_together(session_factory, mak
     job_id = make_job()
     _claim(session_factory, job_id)
     artifact_id = uuid.uuid4()
-    purified = job_types.PurifiedModel(artifact_id=artifact_id, storage_key=f"orgs/x/artifacts/{artifact_id}", size=123, sha256="a" * 64)
+    purified = job_types.PurifiedModel(
+        artifact_id=artifact_id, storage_key=f"orgs/x/artifacts/{artifact_id}", size=123, sha256="a" * 64
+    )
     with session_scope(session_factory) as session:
         assert lifecycle.succeed(session=session, job_id=job_id, worker=W2, result={}, purified=purified) is None
     with session_scope(session_factory) as session:
-        artifact = lifecycle.succeed(session=session, job_id=job_id, worker=W1, result={"der": 0.9}, purified=purified, now=NOW)
+        artifact = lifecycle.succeed(
+            session=session, job_id=job_id, worker=W1, result={"der": 0.9}, purified=purified, now=NOW
+        )
         assert artifact is not None
     job = _job(session_factory, job_id)
-    assert (job.status, job.result, job.purified_model_id, job.finished_at) == ("succeeded", {"der": 0.9}, artifact_id, NOW)
+    assert (job.status, job.result, job.purified_model_id, job.finished_at) == (
+        "succeeded",
+        {"der": 0.9},
+        artifact_id,
+        NOW,
+    )
     with session_scope(session_factory) as session:
         row = session.get(Artifact, artifact_id)
         assert (row.kind, row.org_id, row.size, row.sha256) == ("purified_model", job.org_id, 123, "a" * 64)
@@ -149,7 +158,12 @@ def test_succeed_writes_result_artifact_and_status_together(session_factory, mak
 
 def test_fail_tells_bad_input_from_internal_faults(session_factory, make_job):
     bad = job_errors.input_error(ModelLoadError("missing key conv1.weight"))
-    assert bad == {"type": "invalid-input", "title": "Invalid input", "detail": "missing key conv1.weight", "code": "model-mismatch"}
+    assert bad == {
+        "type": "invalid-input",
+        "title": "Invalid input",
+        "detail": "missing key conv1.weight",
+        "code": "model-mismatch",
+    }
     internal = job_errors.internal_error(KeyError("secret/path/in/trace"))
     assert internal["type"] == "internal-error" and internal["code"] == "internal"
     assert "KeyError" in internal["detail"] and "secret/path" not in internal["detail"]
@@ -169,7 +183,9 @@ def test_cancel_flag_and_ownership_are_read_together(session_factory, make_job):
     _claim(session_factory, job_id)
     with session_scope(session_factory) as session:
         assert job_queries.job_control(session=session, job_id=job_id, worker=W1) == job_queries.JobControl(False, True)
-        assert job_queries.job_control(session=session, job_id=job_id, worker=W2) == job_queries.JobControl(False, False)
+        assert job_queries.job_control(session=session, job_id=job_id, worker=W2) == job_queries.JobControl(
+            False, False
+        )
         session.get(Job, job_id).cancel_requested = True
     with session_scope(session_factory) as session:
         assert job_queries.cancel_requested(session=session, job_id=job_id)
@@ -200,9 +216,15 @@ def test_reaper_requeues_once_then_fails_lost_jobs(session_factory, make_job):
     started = now - timedelta(seconds=600)
     first = make_job(status="running", attempts=1, worker=W1, heartbeat_at=stale, started_at=started)
     second = make_job(status="running", attempts=2, worker=W1, heartbeat_at=stale, started_at=started)
-    wanted_cancel = make_job(status="running", attempts=1, worker=W1, heartbeat_at=stale, started_at=started, cancel_requested=True)
-    too_long = make_job(status="running", attempts=1, worker=W1, heartbeat_at=stale, started_at=now - timedelta(hours=2))
-    alive = make_job(status="running", attempts=1, worker=W1, heartbeat_at=now - timedelta(seconds=5), started_at=started)
+    wanted_cancel = make_job(
+        status="running", attempts=1, worker=W1, heartbeat_at=stale, started_at=started, cancel_requested=True
+    )
+    too_long = make_job(
+        status="running", attempts=1, worker=W1, heartbeat_at=stale, started_at=now - timedelta(hours=2)
+    )
+    alive = make_job(
+        status="running", attempts=1, worker=W1, heartbeat_at=now - timedelta(seconds=5), started_at=started
+    )
 
     report = _reap(session_factory, now=now)
     assert set(report.requeued) >= {first} and second not in report.requeued

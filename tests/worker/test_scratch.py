@@ -27,8 +27,8 @@ def test_the_sweep_removes_what_no_live_process_uses(tmp_path, session_factory, 
     settings = Settings(data_dir=tmp_path / "var")
     root = settings.scratch_path
     finished = make_job(status="succeeded", attempts=1)
-    live = make_job(status="running", attempts=1, worker="%s:1" % worker_identity().rpartition(":")[0])  # init
-    dead_host_pid = "%s:%d" % (worker_identity().rpartition(":")[0], 2**22 + 7)  # no such process
+    live = make_job(status="running", attempts=1, worker=f"{worker_identity().rpartition(':')[0]}:1")  # init
+    dead_host_pid = f"{worker_identity().rpartition(':')[0]}:{2**22 + 7}"  # no such process
     dead = make_job(status="running", attempts=1, worker=dead_host_pid)
     elsewhere = make_job(status="running", attempts=1, worker="other-host:12")
     dirs = {}

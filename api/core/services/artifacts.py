@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session
 from api.core import repositories as repo
 from api.core.errors import DomainError, NotFound, OutOfResources, ServiceUnavailable
 from api.core.models import Artifact, ArtifactKind, DatasetRole, Organization
-from api.core.settings import Settings
 from api.core.services import RejectedInput, from_input_error
+from api.core.settings import Settings
 from api.core.store import ArtifactStore, artifact_key
 from defense_core.errors import InputError
 from defense_core.spec import CODE_ARCHS, ModelSpec

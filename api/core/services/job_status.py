@@ -242,7 +242,7 @@ class PgStatusReader:
                     continue
                 try:
                     future.set_result(_status_document(row[:-1]))
-                except Exception as exc:  # noqa: BLE001 - one bad row must not stall the rest
+                except Exception as exc:
                     future.set_exception(exc)
         finally:
             self._busy -= 1
