@@ -12,6 +12,9 @@ from api.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Defense = Literal["tsbd", "ft"]
+# The job kinds of defense_core.jobs (a unit test keeps the two lists equal).
+JobTask = Literal["purify", "screen", "intake"]
+Verdict = Literal["clean", "suspicious", "backdoored"]
 DatasetRole = Literal["clean", "test", "poisoned"]
 
 EXAMPLE_MODEL_ID = "6f1c2a4e-3b7d-4c1e-9a51-0d6e1f2a3b4c"
@@ -112,6 +115,16 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # -- artifacts --------------------------------------------------------------------------
 
 
+class ModelScreening(BaseModel):
+    """A model's latest screening: the verdict of the last succeeded job that screened it."""
+
+    verdict: Verdict
+    score: float | None = Field(default=None, description="Calibrated probability that the model is backdoored")
+    target: int | None = Field(default=None, description="Suspected target label (null for a clean verdict)")
+    job_id: uuid.UUID = Field(description="The job whose Result holds the full ScreeningReport")
+    screened_at: datetime
+
+
 class ArtifactRead(BaseModel):
     """An uploaded (or produced) model or dataset."""
 
@@ -149,6 +162,17 @@ class ArtifactRead(BaseModel):
     dataset: dict[str, Any] | None = Field(
         default=None, description="Dataset summary (datasets only): samples, shape, labels"
     )
+    screening: ModelScreening | None = Field(
+        default=None, description="The model's latest screening (uploaded models that a succeeded "
+        "job screened; null otherwise)"
+    )
+
+
+class ModelPage(BaseModel):
+    """One page of ``GET /v1/models`` (newest first)."""
+
+    items: list[ArtifactRead]
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next page")
 
 
 # -- jobs --------------------------------------------------------------------------------
@@ -183,6 +207,12 @@ class JobCreate(BaseModel):
         default=None,
         description="Trigger spec applied to the test set; excludes `poisoned_dataset_id`",
     )
+    task: JobTask = Field(
+        default="purify",
+        description="What the job does: `purify` (screen, purify, evaluate), `screen` (the verdict only: "
+        "model and clean set, no test or poisoned data), `intake` (screen, then purify only a model "
+        "flagged suspicious or backdoored; the Result's `decision` says which and why)",
+    )
     defense: Defense = "tsbd"
     params: dict[str, Any] = Field(
         default_factory=dict,
@@ -207,6 +237,7 @@ class JobRead(BaseModel):
             "examples": [
                 {
                     "id": EXAMPLE_JOB_ID,
+                    "task": "purify",
                     "status": "running",
                     "stage": "unlearning",
                     "progress": {"step": 120, "total": 400, "metrics": {"loss": 0.41}},
@@ -231,6 +262,7 @@ class JobRead(BaseModel):
     )
 
     id: uuid.UUID
+    task: JobTask = "purify"
     status: JobStatus
     stage: str | None = None
     progress: JobProgress
@@ -248,7 +280,8 @@ class JobRead(BaseModel):
     attempts: int
     summary: dict[str, Any] | None = Field(
         default=None,
-        description="Headline metrics of a succeeded job: ca/asr/ra before and after, der",
+        description="Headline figures of a succeeded job: ca/asr/ra before and after, der, fidelity, "
+        "`screening` (verdict, score, target) and `purified` (whether it produced a purified model)",
     )
     error: dict[str, Any] | None = Field(default=None, description="Problem document of a failed job")
     purified_model_id: uuid.UUID | None = None

@@ -38,7 +38,7 @@ class ReaperConfig:
             raise ValueError(f"interval_s must be > 0, got {self.interval_s}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ReaperConfig":
+    def from_settings(cls, settings: Settings) -> ReaperConfig:
         stale = settings.heartbeat_stale_s
         return cls(
             interval_s=min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, stale / 4)),

@@ -8,6 +8,7 @@ task in :mod:`worker.tasks` is a thin wrapper around :meth:`JobRunner.run`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -101,7 +102,7 @@ class JobRunner:
                 names = fetch_inputs(snap, store=self.store, scratch=scratch)
                 if channel.should_stop():
                     raise Cancelled("cancelled while loading")
-                return self._purify_and_store(job_id, snap, names, channel, scratch)
+                return self._run_and_store(job_id, snap, names, channel, scratch)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         except Cancelled:
@@ -137,18 +138,19 @@ class JobRunner:
             self._fail(job_id, job_errors.internal_error(exc))
             return "failed"
 
-    def _contained_purify(self, job_id: uuid.UUID, snap: JobSnapshot, names: Mapping[str, str | None],
-                          channel: JobChannel, scratch: Path) -> dict[str, Any]:
-        """Run the engine on the job in a contained child; the Result document it returns."""
-        from defense_core.jobs.request import PurifyRequest
+    def _contained_run(self, job_id: uuid.UUID, snap: JobSnapshot, names: Mapping[str, str | None],
+                       channel: JobChannel, scratch: Path) -> dict[str, Any]:
+        """Run the job's kind on its inputs in a contained child; the document it returns."""
+        from defense_core.jobs import get_job_kind
         from defense_core.sandbox import Limits, run_contained, shared_pool
         from defense_core.sandbox.confine import gpu_device_paths
 
         _copy_mode_cache_in(self.settings, scratch)
         device = {"device": self.runtime.device, "threads": self.runtime.threads,
                   "mode_cache": "cpu-modes.json"}
-        request = PurifyRequest(**names, trigger=snap.trigger, defense=snap.defense,
-                                params=snap.params, spec=snap.spec)
+        request = get_job_kind(snap.task).request.from_dict({
+            **names, "trigger": snap.trigger, "defense": snap.defense, "params": snap.params,
+            "spec": snap.spec})
         args = {
             **request.to_dict(),
             "device": device,
@@ -163,32 +165,34 @@ class JobRunner:
         )
         pool = shared_pool(spares=self.settings.sandbox_spares, threads=self.runtime.threads)
         devices = gpu_device_paths() if self.runtime.device.startswith("cuda") else ()
-        outcome = run_contained("purify", args, scratch=scratch, limits=limits, reporter=channel,
+        outcome = run_contained(snap.task, args, scratch=scratch, limits=limits, reporter=channel,
                                 should_stop=channel.should_stop, devices=devices, pool=pool)
         log.info("job %s: contained run took %.1f s, peak memory %.0f MiB", job_id, outcome.seconds,
                  outcome.peak_rss_bytes / 2**20)
         _copy_mode_cache_out(self.settings, scratch)
         return outcome.result
 
-    def _purify_and_store(
+    def _run_and_store(
         self, job_id: uuid.UUID, snap: JobSnapshot, names: Mapping[str, str | None], channel: JobChannel,
         scratch: Path,
     ) -> str:
-        from defense_core.spec import ModelSpec
-
-        document = self._contained_purify(job_id, snap, names, channel, scratch)
+        document = self._contained_run(job_id, snap, names, channel, scratch)
         if channel.should_stop():
-            raise Cancelled("cancelled after the defense finished")
+            raise Cancelled("cancelled after the engine finished")
         out_path = scratch / "out" / "purified.safetensors"
+        sha256 = document.get("model_sha256")
+        if sha256 is None and not os.path.lexists(out_path):  # a kind that made no model (screen, a clean intake)
+            return self._store_result(job_id, document, purified=None, key=None)
         if not out_path.is_file() or out_path.is_symlink():
             raise ChildOutputError("the contained run wrote no purified model")
-        sha256 = document.get("model_sha256")
         artifact_id = uuid.uuid4()
         key = artifact_key(org_id=snap.org_id, artifact_id=artifact_id, suffix=".safetensors")
         stored = self.store.put_file(key, out_path)
         if stored.sha256 != sha256:
             self.store.delete(key)
             raise ChildOutputError("the stored purified model does not match the digest the run reported")
+        from defense_core.spec import ModelSpec
+
         spec = ModelSpec.from_dict(snap.spec)
         purified = PurifiedModel(
             artifact_id=artifact_id,
@@ -198,18 +202,26 @@ class JobRunner:
             filename=f"purified-{job_id}.safetensors",
             meta={"spec": spec.to_dict(), "source_sha256": snap.model_sha256},
         )
+        return self._store_result(job_id, document, purified=purified, key=key)
+
+    def _store_result(self, job_id: uuid.UUID, document: dict[str, Any], *,
+                      purified: PurifiedModel | None, key: str | None) -> str:
+        """Record the result (and the stored model, if any) and the job's success; the stored
+        object is deleted again when the job changed hands or the write failed."""
         try:
             with session_scope(self.session_factory) as session:
-                artifact = lifecycle.succeed(
+                job = lifecycle.succeed(
                     session=session, job_id=job_id, worker=self.worker, result=document, purified=purified
                 )
         except BaseException:
-            self.store.delete(key)
+            if key is not None:
+                self.store.delete(key)
             raise
-        if artifact is None:
-            self.store.delete(key)
+        if job is None:
+            if key is not None:
+                self.store.delete(key)
             raise JobLost(f"job {job_id} changed hands before its result was saved")
-        log.info("job %s succeeded (purified model %s)", job_id, artifact.id)
+        log.info("job %s succeeded (purified model %s)", job_id, purified.artifact_id if purified else None)
         return "succeeded"
 
     def _stopped(self, job_id: uuid.UUID, channel: JobChannel) -> str:

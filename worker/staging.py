@@ -41,6 +41,7 @@ class JobSnapshot:
     """The job's inputs as plain values, read once after the claim."""
 
     org_id: uuid.UUID
+    task: str
     defense: str
     params: dict[str, Any]
     trigger: dict[str, Any] | None
@@ -66,6 +67,7 @@ def snapshot(session: Session, job_id: uuid.UUID) -> JobSnapshot:
         raise InputError("the model artifact carries no architecture spec")
     return JobSnapshot(
         org_id=job.org_id,
+        task=job.task,
         defense=job.defense,
         params=dict(job.params or {}),
         trigger=dict(job.trigger) if job.trigger else None,

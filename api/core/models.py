@@ -25,6 +25,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -127,6 +128,14 @@ TERMINAL_JOB_STATUSES: frozenset[JobStatus] = frozenset(
 )
 
 
+class Verdict(StrEnum):
+    """A screening's verdict on a model (``defense_core.screening``)."""
+
+    CLEAN = "clean"
+    SUSPICIOUS = "suspicious"
+    BACKDOORED = "backdoored"
+
+
 class JobEventKind(StrEnum):
     STATUS = "status"
     PROGRESS = "progress"
@@ -191,7 +200,10 @@ class Artifact(Base):
         CheckConstraint(_one_of("kind", ArtifactKind), name="kind"),
         CheckConstraint(_one_of("role", DatasetRole, nullable=True), name="role"),
         CheckConstraint("size >= 0", name="size_non_negative"),
+        CheckConstraint(_one_of("screening_verdict", Verdict, nullable=True), name="screening_verdict"),
         Index("ix_artifacts_org_id_created_at", "org_id", "created_at"),
+        # GET /v1/models?verdict=...: newest first within one verdict.
+        Index("ix_artifacts_org_id_verdict_created_at_id", "org_id", "screening_verdict", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -205,13 +217,20 @@ class Artifact(Base):
     storage_key: Mapped[str] = mapped_column(String(512), unique=True)
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The model's latest screening (a succeeded job that screened it), models only.
+    screening_verdict: Mapped[str | None] = mapped_column(String(16))
+    screening_score: Mapped[float | None] = mapped_column(Float)
+    screening_target: Mapped[int | None]
+    screening_job_id: Mapped[uuid.UUID | None]
+    screened_at: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"Artifact(id={self.id}, kind={self.kind!r}, filename={self.filename!r})"
 
 
 class Job(Base):
-    """A purification job; the database row is the source of truth for its state."""
+    """A job (``task``: a job kind of ``defense_core.jobs``); the database row is the source
+    of truth for its state."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -229,6 +248,7 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    task: Mapped[str] = mapped_column(String(32), default="purify", server_default="purify")
     stage: Mapped[str | None] = mapped_column(String(32))
     progress_step: Mapped[int | None]
     progress_total: Mapped[int | None]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.core.models import ArtifactKind
 from api.core.services import artifacts as artifact_service
+from api.core.services import job_queries
 from api.deps import CurrentOrg, MetricsDep, SessionDep, SettingsDep, StoreDep
-from api.schemas import ArtifactRead, problem_responses
+from api.schemas import ArtifactRead, ModelPage, Verdict, problem_responses
 from api.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -90,9 +91,30 @@ async def upload_model(
 
 
 @router.get(
+    "",
+    response_model=ModelPage,
+    summary="List your models, newest first, optionally by their latest screening's verdict",
+    responses=problem_responses(401, 422),
+)
+def list_models(
+    session: SessionDep,
+    org: CurrentOrg,
+    limit: Annotated[int, Query(ge=1, le=job_queries.MAX_PAGE)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512, description="`next_cursor` of "
+                                        "the previous page")] = None,
+    verdict: Annotated[Verdict | None, Query(description="Only models whose latest screening "
+                                             "gave this verdict")] = None,
+) -> dict[str, Any]:
+    page = job_queries.list_models(session=session, org_id=org.id, limit=limit, cursor=cursor,
+                                   verdict=verdict)
+    return {"items": [artifact_service.public_view(model) for model in page.items],
+            "next_cursor": page.next_cursor}
+
+
+@router.get(
     "/{model_id}",
     response_model=ArtifactRead,
-    summary="A model's metadata",
+    summary="A model's metadata and its latest screening",
     responses=problem_responses(401, 404, 422),
 )
 def get_model(model_id: uuid.UUID, session: SessionDep, org: CurrentOrg) -> dict[str, Any]:

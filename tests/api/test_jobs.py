@@ -320,7 +320,8 @@ def test_result_and_download_of_a_finished_job(api: Api, model_bytes: bytes) -> 
     job = api.client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "succeeded"
     assert job["summary"] == {"before": result["metrics"]["before"],
-                              "after": result["metrics"]["after"], "der": 0.95, "fidelity": 0.9}
+                              "after": result["metrics"]["after"], "der": 0.95, "fidelity": 0.9,
+                              "screening": None, "purified": True}
     download = api.client.get(f"/v1/jobs/{job_id}/model", headers=tenant.headers)
     assert download.status_code == 200
     digest = hashlib.sha256(purified).hexdigest()

@@ -70,7 +70,8 @@ def test_status_body_equals_the_documented_model_in_every_state(api: Api,
     assert succeeded == _documented(api, job_id)
     assert succeeded["summary"] == {"before": result["metrics"]["before"],
                                     "after": result["metrics"]["after"],
-                                    "der": 0.95, "fidelity": 0.9}
+                                    "der": 0.95, "fidelity": 0.9,
+                                    "screening": None, "purified": True}
     # the list endpoint serialises through the response model: same document
     listed = api.client.get("/v1/jobs", headers=tenant.headers).json()["items"]
     assert listed == [succeeded]
@@ -82,8 +83,26 @@ def test_partial_result_and_failed_job(api: Api, model_bytes: bytes) -> None:
     partial = create_job(api, tenant, inputs.body()).json()["id"]
     _update(api, partial, status=JobStatus.SUCCEEDED.value, result={"der": 0.5})
     body = _poll(api, tenant, partial)
-    assert body["summary"] == {"before": None, "after": None, "der": 0.5, "fidelity": None}
+    assert body["summary"] == {"before": None, "after": None, "der": 0.5, "fidelity": None,
+                               "screening": None, "purified": False}
     assert body == _documented(api, partial)
+
+    # the screening in the summary: a section of a purify Result, or a screen job's Result
+    screened = create_job(api, tenant, inputs.body()).json()["id"]
+    _update(api, screened, status=JobStatus.SUCCEEDED.value,
+            result={"der": 0.5, "screening": {"verdict": "backdoored", "score": 0.97, "target": 3}})
+    body = _poll(api, tenant, screened)
+    assert body["summary"]["screening"] == {"verdict": "backdoored", "score": 0.97, "target": 3}
+    assert body == _documented(api, screened)
+    screen_only = create_job(api, tenant, {**inputs.body(), "task": "screen", "test_dataset_id": None,
+                                           "trigger": None, "poisoned_dataset_id": None}).json()["id"]
+    _update(api, screen_only, status=JobStatus.SUCCEEDED.value,
+            result={"verdict": "clean", "score": 0.02, "target": None, "signals": {}, "per_class": []})
+    body = _poll(api, tenant, screen_only)
+    assert body["task"] == "screen"
+    assert body["summary"]["screening"] == {"verdict": "clean", "score": 0.02, "target": None}
+    assert body["summary"]["purified"] is False
+    assert body == _documented(api, screen_only)
 
     failed = create_job(api, tenant, inputs.body()).json()["id"]
     error = {"type": "https://cleanroom.dev/problems/worker-lost", "title": "Worker lost",

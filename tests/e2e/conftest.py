@@ -38,6 +38,7 @@ class Bundle:
     """Files a client would upload, plus the metrics they were built with."""
 
     model: Path
+    clean_model: Path  # the same architecture and recipe trained without poisoning
     spec: Path
     clean: Path
     test: Path
@@ -79,7 +80,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     from defense_core.imageset import ImageSet
     from defense_core.loading import save_safetensors
     from defense_core.spec import ModelSpec
-    from defense_core.training import TrainConfig, accuracy, train_backdoored_model
+    from defense_core.training import TrainConfig, accuracy, train_backdoored_model, train_model
 
     root = tmp_path_factory.mktemp("bundle")
     x, y = _digits_16x16()
@@ -99,10 +100,14 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     assert ca > 0.85 and asr > 0.9, f"the demo backdoor did not take: CA {ca:.3f}, ASR {asr:.3f}"
     model_path = root / "model.safetensors"
     save_safetensors(model.state_dict(), model_path)
+    clean_model = train_model(spec, train, seed=1, config=TrainConfig(epochs=6, lr=0.05, batch_size=64))
+    clean_model_path = root / "clean_model.safetensors"
+    save_safetensors(clean_model.state_dict(), clean_model_path)
     (root / "spec.json").write_text(json.dumps(SPEC))
     (root / "trigger.json").write_text(json.dumps(TRIGGER))
     return Bundle(
         model=model_path,
+        clean_model=clean_model_path,
         spec=root / "spec.json",
         clean=_save_npz(root / "clean.npz", ImageSet(x=x[clean_idx], y=y[clean_idx])),
         test=_save_npz(root / "test.npz", test),
@@ -242,8 +247,8 @@ class Api:
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60
         )
 
-    def upload_model(self, bundle: Bundle) -> dict[str, Any]:
-        with bundle.model.open("rb") as handle:
+    def upload_model(self, bundle: Bundle, path: Path | None = None) -> dict[str, Any]:
+        with (path or bundle.model).open("rb") as handle:
             response = self.http.post(
                 "/v1/models", files={"file": ("model.safetensors", handle)},
                 data={"spec": bundle.spec.read_text()},

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import and_, delete, or_, update
 
-from api.core.models import Artifact
+from api.core.models import Artifact, ArtifactKind
 from api.core.repositories.base import Repository
 from api.core.repositories.events import page_size
 
@@ -62,6 +62,34 @@ class ArtifactRepository(Repository[Artifact]):
         query = self.base_statement().where(Artifact.org_id == org_id)
         if kind is not None:
             query = query.where(Artifact.kind == str(kind))
+        query = query.order_by(Artifact.created_at.desc(), Artifact.id.desc())
+        return self.get_all(query.limit(page_size(limit)))
+
+    def record_screening(self, *, org_id: uuid.UUID, artifact_id: uuid.UUID, job_id: uuid.UUID,
+                         verdict: str, score: float | None, target: int | None, at: datetime) -> None:
+        """The model's latest screening (kept unless a later one is already recorded)."""
+        self.session.execute(
+            update(Artifact)
+            .where(Artifact.id == artifact_id, Artifact.org_id == org_id,
+                   or_(Artifact.screened_at.is_(None), Artifact.screened_at <= at))
+            .values(screening_verdict=verdict, screening_score=score, screening_target=target,
+                    screening_job_id=job_id, screened_at=at)
+            .execution_options(synchronize_session=False)
+        )
+
+    def list_models(self, *, org_id: uuid.UUID, verdict: str | None = None, limit: int = 20,
+                    after: tuple[datetime, uuid.UUID] | None = None) -> Sequence[Artifact]:
+        """The organization's uploaded models newest first (``created_at DESC, id DESC``),
+        keyset-paginated after ``(created_at, id)``; ``verdict`` keeps those whose latest
+        screening says so. Served by ``ix_artifacts_org_id_verdict_created_at_id``."""
+        query = self.base_statement().where(Artifact.org_id == org_id,
+                                            Artifact.kind == ArtifactKind.MODEL.value)
+        if verdict is not None:
+            query = query.where(Artifact.screening_verdict == verdict)
+        if after is not None:
+            created_at, last_id = after
+            query = query.where(or_(Artifact.created_at < created_at,
+                                    and_(Artifact.created_at == created_at, Artifact.id < last_id)))
         query = query.order_by(Artifact.created_at.desc(), Artifact.id.desc())
         return self.get_all(query.limit(page_size(limit)))
 

@@ -79,6 +79,7 @@ class JobRepository(Repository[Job]):
         idempotency_key: str | None = None,
         request_fingerprint: str | None = None,
         job_id: uuid.UUID | None = None,
+        task: str = "purify",
     ) -> Job:
         """Add a queued job and its first ``status`` event (flushed, not committed).
 
@@ -90,6 +91,7 @@ class JobRepository(Repository[Job]):
             id=job_id or uuid.uuid4(),
             org_id=org_id,
             status=JobStatus.QUEUED.value,
+            task=task,
             defense=defense,
             params=dict(params or {}),
             model_id=model_id,

@@ -342,4 +342,11 @@ def public_view(artifact: Artifact) -> dict[str, Any]:
         "validation": meta.get("validation", {}),
         "spec": meta.get("spec"),
         "dataset": meta.get("validation") if artifact.kind == ArtifactKind.DATASET else None,
+        "screening": None if artifact.screening_verdict is None else {
+            "verdict": artifact.screening_verdict,
+            "score": artifact.screening_score,
+            "target": artifact.screening_target,
+            "job_id": artifact.screening_job_id,
+            "screened_at": artifact.screened_at,
+        },
     }

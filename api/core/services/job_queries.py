@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.core.errors import InvalidInput, NotFound
 from api.core.models import Artifact, Job, JobEvent, JobStatus
-from api.core.repositories import JobCursor, JobEventRepository, JobRepository
+from api.core.repositories import ArtifactRepository, JobCursor, JobEventRepository, JobRepository
 from api.core.services import RejectedInput
 from api.core.services import artifacts as artifact_service
 from api.core.services.job_errors import InvalidCursor, JobNotSucceeded
@@ -61,6 +61,33 @@ def list_jobs(
                    next_cursor=JobCursor.after(items[-1]).encode() if more else None)
 
 
+@dataclass(frozen=True)
+class ModelPage:
+    items: list[Artifact]
+    next_cursor: str | None
+
+
+def list_models(*, session: Session, org_id: uuid.UUID, limit: int = 20, cursor: str | None = None,
+                verdict: str | None = None) -> ModelPage:
+    """The caller's uploaded models, newest first, optionally only those whose latest
+    screening gave ``verdict`` (keyset pagination, like :func:`list_jobs`)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise RejectedInput(f"limit must be in [1, {MAX_PAGE}], got {limit}", slug="invalid-input")
+    after = None
+    if cursor is not None:
+        try:
+            after = JobCursor.decode(cursor)
+        except InvalidInput:
+            raise InvalidCursor("the cursor is not one this API returned") from None
+    rows = ArtifactRepository(session).list_models(
+        org_id=org_id, verdict=verdict, limit=limit + 1,
+        after=None if after is None else (after.created_at, after.id))
+    items = list(rows[:limit])
+    more = len(rows) > limit
+    next_cursor = JobCursor(created_at=items[-1].created_at, id=items[-1].id).encode() if more else None
+    return ModelPage(items=items, next_cursor=next_cursor)
+
+
 def list_events(
     *,
     session: Session,
@@ -88,6 +115,9 @@ def result(*, session: Session, org_id: uuid.UUID, job_id: uuid.UUID) -> dict[st
 def purified_model(*, session: Session, org_id: uuid.UUID, job_id: uuid.UUID) -> Artifact:
     """The purified model artifact of a succeeded job (409 before that)."""
     job = get(session=session, org_id=org_id, job_id=job_id)
+    if job.status == JobStatus.SUCCEEDED and job.purified_model_id is None:
+        raise NotFound(f"job {job_id} ({job.task}) produced no purified model: a screen job never "
+                       "does, an intake job only for a model its screening flagged")
     if job.status != JobStatus.SUCCEEDED or job.purified_model_id is None:
         raise JobNotSucceeded(
             f"job {job_id} is {job.status}; the purified model exists once it has succeeded",

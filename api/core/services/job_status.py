@@ -36,12 +36,18 @@ _Waiting = tuple[uuid.UUID, uuid.UUID, "asyncio.Future[dict[str, Any]]"]
 # The status document's columns, in the order _status_document unpacks them: the job's
 # own columns, then whether it has a Result and the Result members of the summary.
 _JOB_ATTRIBUTES = (
-    "id", "status", "stage", "progress_step", "progress_total", "progress_metrics", "defense",
+    "id", "task", "status", "stage", "progress_step", "progress_total", "progress_metrics", "defense",
     "params", "model_id", "clean_dataset_id", "test_dataset_id", "poisoned_dataset_id",
     "trigger", "created_at", "started_at", "finished_at", "cancel_requested", "attempts",
     "error", "purified_model_id",
 )
-_SUMMARY_PATHS = (("metrics", "before"), ("metrics", "after"), ("der",), ("fidelity",))
+_SUMMARY_PATHS = (
+    ("metrics", "before"), ("metrics", "after"), ("der",), ("fidelity",),
+    # the screening: a section of a purify or intake Result, a screen job's whole Result
+    ("screening", "verdict"), ("screening", "score"), ("screening", "target"),
+    ("verdict",), ("score",), ("target",),
+    ("decision", "purified"),
+)
 
 _RESULT = Job.__table__.c.result
 _STATUS_COLUMNS = (
@@ -77,12 +83,22 @@ _PG_STATUS_BATCH_SQL = _psycopg_sql(
 
 def _status_document(row: Sequence[Any]) -> dict[str, Any]:
     """A row of the status columns as ``JobRead``."""
-    (job_id, status, stage, step, total, progress_metrics, defense, params, model_id,
+    (job_id, task, status, stage, step, total, progress_metrics, defense, params, model_id,
      clean_id, test_id, poisoned_id, trigger, created_at, started_at, finished_at,
      cancel_requested, attempts, error, purified_id, has_result, before, after, der,
-     fidelity) = row
+     fidelity, section_verdict, section_score, section_target, verdict, score, target,
+     purified) = row
+    if section_verdict is not None:
+        verdict, score, target = section_verdict, section_score, section_target
+    summary = None
+    if has_result:
+        summary = {"before": before, "after": after, "der": der, "fidelity": fidelity,
+                   "screening": (None if verdict is None else
+                                 {"verdict": verdict, "score": score, "target": target}),
+                   "purified": purified if purified is not None else (purified_id is not None)}
     return {
         "id": job_id,
+        "task": task or "purify",
         "status": status,
         "stage": stage,
         "progress": {"step": step, "total": total, "metrics": progress_metrics},
@@ -98,8 +114,7 @@ def _status_document(row: Sequence[Any]) -> dict[str, Any]:
         "finished_at": finished_at,
         "cancel_requested": bool(cancel_requested),
         "attempts": attempts or 0,
-        "summary": ({"before": before, "after": after, "der": der, "fidelity": fidelity}
-                    if has_result else None),
+        "summary": summary,
         "error": error,
         "purified_model_id": purified_id,
     }

@@ -20,6 +20,8 @@ from api.core.services import RejectedInput, from_input_error
 from api.core.services import artifacts as artifact_service
 from defense_core.errors import InputError
 
+DEFAULT_TASK = "purify"
+
 
 @dataclass(frozen=True)
 class JobRequest:
@@ -32,19 +34,24 @@ class JobRequest:
     trigger: dict[str, Any] | None = None
     defense: str = "tsbd"
     params: dict[str, Any] = field(default_factory=dict)
+    task: str = DEFAULT_TASK
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the request (defaults included)."""
+        """sha256 of the canonical JSON of the request (defaults included; ``task`` only
+        when it is not the default, so purification jobs keep their fingerprints)."""
+        document: dict[str, Any] = {
+            "model_id": str(self.model_id),
+            "clean_dataset_id": str(self.clean_dataset_id),
+            "test_dataset_id": _str_or_none(self.test_dataset_id),
+            "poisoned_dataset_id": _str_or_none(self.poisoned_dataset_id),
+            "trigger": self.trigger,
+            "defense": self.defense,
+            "params": self.params,
+        }
+        if self.task != DEFAULT_TASK:
+            document["task"] = self.task
         canonical = json.dumps(
-            {
-                "model_id": str(self.model_id),
-                "clean_dataset_id": str(self.clean_dataset_id),
-                "test_dataset_id": _str_or_none(self.test_dataset_id),
-                "poisoned_dataset_id": _str_or_none(self.poisoned_dataset_id),
-                "trigger": self.trigger,
-                "defense": self.defense,
-                "params": self.params,
-            },
+            document,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=True,
@@ -56,13 +63,26 @@ def _str_or_none(value: uuid.UUID | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _purify_request(request: JobRequest) -> Any:
-    """The engine's request for this job (its rules: :mod:`defense_core.jobs.request`)."""
-    from defense_core.jobs.request import PurifyRequest
+def engine_request_fields(request: JobRequest) -> dict[str, Any]:
+    """The fields every job kind's request type is built from (``from_dict``)."""
+    return {"model": request.model_id, "clean": request.clean_dataset_id,
+            "test": request.test_dataset_id, "poisoned": request.poisoned_dataset_id,
+            "trigger": request.trigger, "defense": request.defense, "params": request.params,
+            "spec": None}
 
-    return PurifyRequest(model=request.model_id, clean=request.clean_dataset_id,
-                         test=request.test_dataset_id, poisoned=request.poisoned_dataset_id,
-                         trigger=request.trigger, defense=request.defense, params=request.params)
+
+def _engine_request(request: JobRequest) -> Any:
+    """The engine's request for this job: its kind's request type (the kinds and their
+    rules: :mod:`defense_core.jobs`)."""
+    from defense_core.errors import InputError
+    from defense_core.jobs import available_job_kinds, get_job_kind
+
+    try:
+        kind = get_job_kind(request.task)
+    except (InputError, KeyError, ValueError):
+        raise RejectedInput(f"task must be one of {available_job_kinds()}, got {request.task!r}",
+                            slug="invalid-task") from None
+    return kind.request.from_dict(engine_request_fields(request))
 
 
 def _field_names() -> Any:
@@ -79,7 +99,7 @@ def _validate(*, session: Session, org_id: uuid.UUID, request: JobRequest) -> No
     import dataclasses
 
     names = _field_names()
-    engine_request = _purify_request(request)
+    engine_request = _engine_request(request)
     try:  # what needs no model spec first: a malformed request reads nothing
         engine_request.check_inputs(names=names)
     except InputError as exc:

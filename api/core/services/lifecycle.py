@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.core.models import Artifact, ArtifactKind, Job, JobEventKind, JobStatus, utcnow
+from api.core.models import ArtifactKind, Job, JobEventKind, JobStatus, Verdict, utcnow
 from api.core.repositories import ArtifactRepository, JobEventRepository, JobRepository
 from api.core.services.job_errors import (
     WORKER_LOST_DETAIL,
@@ -88,7 +88,7 @@ def create(*, session: Session, queue: TaskQueue | None, org_id: uuid.UUID,
     _validate(session=session, org_id=org_id, request=request)
     try:
         job = jobs.create(
-            org_id=org_id, defense=request.defense, params=request.params,
+            org_id=org_id, task=request.task, defense=request.defense, params=request.params,
             model_id=request.model_id, clean_dataset_id=request.clean_dataset_id,
             test_dataset_id=request.test_dataset_id,
             poisoned_dataset_id=request.poisoned_dataset_id, trigger=request.trigger,
@@ -257,29 +257,50 @@ def record_progress(*, session: Session, job_id: uuid.UUID, worker: str, stage: 
 
 
 def succeed(*, session: Session, job_id: uuid.UUID, worker: str, result: dict[str, Any],
-            purified: PurifiedModel, now: datetime | None = None) -> Artifact | None:
-    """Result, purified-model artifact and status in ONE transaction.
+            purified: PurifiedModel | None, now: datetime | None = None) -> Job | None:
+    """Result, purified-model artifact (when the job produced one), the model's latest
+    screening (when the job screened it) and status in ONE transaction.
 
-    Returns the new artifact, or None when ``worker`` no longer owns the job
-    (the caller then deletes the object it stored).
+    Returns the job, or None when ``worker`` no longer owns it (the caller then deletes
+    the object it stored); ``job.purified_model_id`` is the new artifact's id.
     """
     now = now or utcnow()
     job = JobRepository(session).lock(job_id)
     if job is None or job.status != JobStatus.RUNNING.value or job.worker != worker:
         return None
-    artifact = ArtifactRepository(session).create(
-        artifact_id=purified.artifact_id, org_id=job.org_id,
-        kind=ArtifactKind.PURIFIED_MODEL.value, format=purified.format,
-        filename=purified.filename, size=purified.size, sha256=purified.sha256,
-        storage_key=purified.storage_key, meta={"job_id": str(job.id), **purified.meta},
-        created_at=now,
-    )
+    artifacts = ArtifactRepository(session)
+    if purified is not None:
+        artifact = artifacts.create(
+            artifact_id=purified.artifact_id, org_id=job.org_id,
+            kind=ArtifactKind.PURIFIED_MODEL.value, format=purified.format,
+            filename=purified.filename, size=purified.size, sha256=purified.sha256,
+            storage_key=purified.storage_key, meta={"job_id": str(job.id), **purified.meta},
+            created_at=now,
+        )
+        job.purified_model_id = artifact.id
+    screening = screening_of(result)
+    if screening is not None:
+        artifacts.record_screening(org_id=job.org_id, artifact_id=job.model_id, job_id=job.id,
+                                   verdict=screening["verdict"], score=screening["score"],
+                                   target=screening["target"], at=now)
     job.result = result
-    job.purified_model_id = artifact.id
     job.error = None
     job.progress_metrics = None
     _finish(session, job, status=JobStatus.SUCCEEDED, now=now, message=None)
-    return artifact
+    return job
+
+
+def screening_of(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The verdict, score and target of the screening in a job's Result document: its
+    ``screening`` section, or the document itself for a ``screen`` job (a ScreeningReport)."""
+    section = result.get("screening") if isinstance(result.get("screening"), dict) else result
+    verdict = section.get("verdict")
+    if verdict not in {v.value for v in Verdict}:
+        return None
+    score, target = section.get("score"), section.get("target")
+    return {"verdict": verdict,
+            "score": float(score) if isinstance(score, (int, float)) else None,
+            "target": target if isinstance(target, int) and not isinstance(target, bool) else None}
 
 
 def _lock_unfinished(session: Session, job_id: uuid.UUID, worker: str | None) -> Job | None:
