@@ -116,7 +116,8 @@ class Usage:
         assert self.maps_peak - self.maps_before <= SLACK, self
         assert self.maps_after - self.maps_before <= SLACK, self
         assert self.fds_peak - self.fds_before <= 4, self
-        assert self.fds_after == self.fds_before, self
+        # no descriptor left open (one closed meanwhile by another thread of the process is fine)
+        assert self.fds_after <= self.fds_before, self
 
 
 @contextmanager
