@@ -48,7 +48,7 @@ from defense_core.screening import (
     screen,
     unlearned_collapse,
 )
-from defense_core.screening.combine import margin_feature
+from defense_core.screening.combine import agreement_feature, margin_feature
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model
 from defense_core.transforms import AugmentConfig
@@ -334,7 +334,7 @@ def features(record: dict[str, Any], *, with_clean: bool = True) -> list[float]:
     margin, collapse = rebuild(record)
     f = [margin_feature(margin.pvalue)]
     if with_clean:
-        f += [collapse.share, float(margin.top_class == collapse.modal_class)]
+        f += [collapse.share, agreement_feature(margin.margins, collapse.modal_class)]
     return f
 
 

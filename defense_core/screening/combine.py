@@ -4,7 +4,8 @@ The score is a logistic model on scale-free features (no logit or pixel scales):
 
 * ``margin``: ``min(-log10 p, 12)``, p the MM-BD p-value of the largest class statistic;
 * ``collapse``: the share of clean non-modal-class images sent to the modal class after unlearning;
-* ``agreement``: 1 when the modal class of the collapse is also the class with the largest margin.
+* ``agreement``: where the collapse's modal class ranks among the classes' maximum margins,
+  ``(K - 1 - rank) / (K - 1)``: 1 when it has the largest margin, 0 when the smallest.
 
 Two fitted models: with a clean set (all three features) and data-free (margin
 alone). Coefficients and thresholds are measurements: they were fitted on the
@@ -18,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 MARGIN_FEATURE_CAP = 12.0
 
@@ -64,6 +67,13 @@ THRESHOLDS_DATA_FREE = Thresholds(0.5, 0.9, {
     "source": "bench/results/screening.md", "calibration": "placeholder, not yet fitted", "date": None,
     "calibration_clean_fpr": {"suspicious": None, "backdoored": None}})
 # ---
+
+
+def agreement_feature(margins: torch.Tensor, modal_class: int) -> float:
+    """Rank of the collapse's modal class among the per-class maximum margins, scaled to [0, 1]."""
+    k = margins.numel()
+    rank = int((margins > margins[modal_class]).sum())
+    return (k - 1 - rank) / (k - 1)
 
 
 def margin_feature(pvalue: float) -> float:

@@ -57,34 +57,12 @@ class CollapseConfig:
 
 
 @dataclass(frozen=True)
-class UniversalConfig:
-    """Universal shortcut per class (see :mod:`.universal`): one perturbation per class of
-    L2 norm ``budget * sqrt(C*H*W)`` in [0, 1] pixel units, over ``images_per_class``
-    clean images of the other classes."""
-
-    images_per_class: int = 16
-    steps: int = 40
-    lr: float = 0.02
-    budget: float = 0.1
-
-    def __post_init__(self) -> None:
-        _count("universal images_per_class", self.images_per_class)
-        _count("universal steps", self.steps)
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 10):
-            raise ValueError(f"universal lr must be in (0, 10], got {self.lr!r}")
-        if not (isinstance(self.budget, (int, float)) and 0 < self.budget <= 1):
-            raise ValueError(f"universal budget must be in (0, 1], got {self.budget!r}")
-
-
-@dataclass(frozen=True)
 class ScreeningConfig:
     margin: MarginConfig = field(default_factory=MarginConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
-    universal: UniversalConfig = field(default_factory=UniversalConfig)
     use_margin: bool = True
-    use_collapse: bool = True    # needs a clean set (or precomputed unlearned predictions)
-    use_universal: bool = False  # needs a clean set; off by default: not calibrated (bench/results/screening.md)
+    use_collapse: bool = True   # needs a clean set (or precomputed unlearned predictions)
 
     def __post_init__(self) -> None:
-        if not (self.use_margin or self.use_collapse or self.use_universal):
+        if not (self.use_margin or self.use_collapse):
             raise ValueError("the screening needs at least one signal")

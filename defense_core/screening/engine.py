@@ -20,6 +20,7 @@ from defense_core.screening.combine import (
     WITH_CLEAN,
     LogisticModel,
     Thresholds,
+    agreement_feature,
     margin_feature,
     sigmoid,
 )
@@ -47,7 +48,8 @@ def combine(
     k = spec.num_classes
     f_margin = margin_feature(margin.pvalue) if margin is not None else 0.0
     f_collapse = collapse.share if collapse is not None else 0.0
-    agree = float(margin is not None and collapse is not None and margin.top_class == collapse.modal_class)
+    agree = agreement_feature(margin.margins, collapse.modal_class) if margin is not None and collapse is not None \
+        else 0.0
     z = model.logit(margin=f_margin, collapse=f_collapse, agreement=agree)
     score = sigmoid(z)
     verdict = thresholds.verdict(score)
@@ -88,7 +90,8 @@ def combine(
                                    "threshold": u.threshold, "reached_stop_acc": u.reached_stop_acc}
         signals["unlearning_collapse"] = entry
         if margin is not None:
-            signals["agreement"] = {"value": agree, "feature": agree, "contribution": model.agreement * agree}
+            signals["agreement"] = {"class": collapse.modal_class, "value": agree, "feature": agree,
+                                    "contribution": model.agreement * agree}
     else:
         signals["unlearning_collapse"] = {
             "skipped": True, "reason": "no clean set: only the data-free signals ran", "contribution": 0.0}
