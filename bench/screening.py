@@ -229,8 +229,7 @@ def build_zoo() -> list[ZooEntry]:
                 add("small_cnn", channels, None, seed + 1, SMALL_RECIPES[(pair + 2) % 4], 4000)
                 seed, pair = seed + 2, pair + 1
     big = (("resnet18", 3, ("badnets", "blended"), (4, 0.05, 5e-4, 2), 3000),
-           ("preact_resnet18", 1, ("badnets",), (2, 0.02, 5e-4, 2), 2000),
-           ("preact_resnet18", 3, ("blended",), (2, 0.02, 5e-4, 2), 2000))
+           ("preact_resnet18", 1, ("badnets",), (2, 0.02, 5e-4, 2), 2000))
     for arch, channels, families, recipe, n_train in big:
         for family in families:
             add(arch, channels, family, seed, recipe, n_train, ratio=0.1 if family != "badnets" else 0.05)

@@ -147,9 +147,11 @@ def screen(
                              step_offset=offset, total_steps=None)
         timings["max_margin"] = time.monotonic() - t0
 
-    score, verdict, target, signals, per_class, thresholds, _ = combine(spec, margin, collapse)
+    score, verdict, target, signals, per_class, thresholds, fitted = combine(spec, margin, collapse)
+    used = {**thresholds.to_dict(), "score_model": "with_clean" if collapse is not None else "data_free",
+            "coefficients": fitted.to_dict()}
     timings["total"] = time.monotonic() - started
     reporter.update(stage="screening", step=1, total=1, metrics={"score": score})
     log.info("screened: %s (score %.3f, target %s) in %.1fs", verdict, score, target, timings["total"])
     return ScreeningReport(verdict=verdict, score=score, target=target, signals=signals, per_class=per_class,
-                           thresholds=thresholds.to_dict(), timings_s=timings)
+                           thresholds=used, timings_s=timings)
