@@ -15,6 +15,7 @@ from defense_core.imageset import ImageSet
 from defense_core.jobs.params import MAX_SEED, PurifyConfig
 from defense_core.metrics import StageMetrics, evaluate
 from defense_core.progress import CancelHook, Reporter, check_cancel
+from defense_core.screening import ScreeningReport, screen
 from defense_core.spec import ModelSpec
 from defense_core.tsbd.aft import FinetuneResult, finetune_
 from defense_core.tsbd.config import AFTConfig
@@ -35,6 +36,29 @@ class DefenseRun:
     cancel: CancelHook | None
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("unlearning", "ranking", "reinitializing", "finetuning", "evaluating"), 0.0))
+    screening: ScreeningReport | None = None
+    stop_if_clean: bool = False  # an intake: end the run after a clean verdict
+
+    def screen(self, *, unlearned_predictions: torch.Tensor | None = None) -> ScreeningReport | None:
+        """Screen the model as it came (call before the defense changes ``model``);
+        ``unlearned_predictions``: the defense's own stage-1 predictions on ``clean``, so
+        the screening does not unlearn again. None when screening is off or the model has
+        fewer than three classes (the margin test needs them). Raises :class:`ScreenedClean`
+        after a clean verdict when :attr:`stop_if_clean`."""
+        config = self.config.screening
+        if config is None or self.spec.num_classes < 3:
+            return None
+        model = self.model
+        if unlearned_predictions is None and self.runtime.device.type != "cpu":
+            model = copy_model(model).cpu()  # the screening's own unlearning runs on the CPU
+        self.screening = screen(model, self.clean, self.spec, config, progress=self.reporter,
+                                should_stop=self.cancel, unlearned_predictions=unlearned_predictions)
+        if self.stop_if_clean and not self.screening.flagged:
+            raise ScreenedClean(self.screening)
+        return self.screening
+
+    def screening_document(self) -> dict | None:
+        return None if self.screening is None else self.screening.to_dict()
 
     def measure(self, *, stage: str, step: int, total: int) -> StageMetrics:
         check_cancel(self.cancel)
@@ -66,6 +90,14 @@ class DefenseRun:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+class ScreenedClean(Exception):  # not an error: the end of an intake run
+    """Raised by :meth:`DefenseRun.screen` to end an intake run on a clean verdict."""
+
+    def __init__(self, report: ScreeningReport) -> None:
+        super().__init__(f"screened clean (score {report.score:.3f})")
+        self.report = report
 
 
 def copy_model(model: nn.Module) -> nn.Module:
