@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from defense_core.defenses import get_defense
-from defense_core.defenses.run import DefenseRun, ScreenedClean, copy_model
+from defense_core.defenses.run import DefenseRun, copy_model
 from defense_core.device import make_runtime
 from defense_core.errors import DatasetError, InputError
 from defense_core.imageset import ImageSet
@@ -29,8 +29,6 @@ from defense_core.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = PurifyConfig()
-
-__all__ = ["DEFAULT_CONFIG", "ScreenedClean", "purify"]
 
 
 def _check_inputs(spec: ModelSpec, clean: ImageSet, test: ImageSet | None,
@@ -56,7 +54,6 @@ def purify(
     reporter: Reporter | None = None,
     cancel: CancelHook | None = None,
     device: torch.device | str | None = None,
-    stop_if_clean: bool = False,
 ) -> PurificationResult:
     """Purify a copy of ``model`` (the caller's model is not modified) with
     ``config.defense`` and measure it before, after stage 1 and at the end.
@@ -67,9 +64,7 @@ def purify(
     :class:`~defense_core.errors.Cancelled` when ``cancel()`` answers True.
 
     The model is screened on the way (``config.screening``; a TSBD run reuses its
-    stage-1 unlearning) and the report is the result's ``screening``. With
-    ``stop_if_clean`` (an intake) a clean verdict ends the run: :class:`ScreenedClean`
-    carries the report.
+    stage-1 unlearning) and the report is the result's ``screening``.
     """
     reporter = reporter or NullReporter()
     _check_inputs(spec, clean, test, poisoned, config)
@@ -89,8 +84,7 @@ def purify(
         working = runtime.prepare_model(copy_model(model))
         reporter.update(stage="loading", step=1, total=2)
         run = DefenseRun(model=working, spec=spec, clean=clean, test=test, poisoned=poisoned,
-                         config=config, runtime=runtime, reporter=reporter, cancel=cancel,
-                         stop_if_clean=stop_if_clean)
+                         config=config, runtime=runtime, reporter=reporter, cancel=cancel)
         result = get_defense(config.defense)(run)
     result.timings_s["total"] = time.monotonic() - started
     log.info("purified with %s in %.1fs: %s -> %s", config.defense, result.timings_s["total"],

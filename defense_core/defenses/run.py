@@ -37,14 +37,12 @@ class DefenseRun:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("unlearning", "ranking", "reinitializing", "finetuning", "evaluating"), 0.0))
     screening: ScreeningReport | None = None
-    stop_if_clean: bool = False  # an intake: end the run after a clean verdict
 
     def screen(self, *, unlearned_predictions: torch.Tensor | None = None) -> ScreeningReport | None:
         """Screen the model as it came (call before the defense changes ``model``);
         ``unlearned_predictions``: the defense's own stage-1 predictions on ``clean``, so
         the screening does not unlearn again. None when screening is off or the model has
-        fewer than three classes (the margin test needs them). Raises :class:`ScreenedClean`
-        after a clean verdict when :attr:`stop_if_clean`."""
+        fewer than three classes (the margin test needs them)."""
         config = self.config.screening
         if config is None or self.spec.num_classes < 3:
             return None
@@ -53,8 +51,6 @@ class DefenseRun:
             model = copy_model(model).cpu()  # the screening's own unlearning runs on the CPU
         self.screening = screen(model, self.clean, self.spec, config, progress=self.reporter,
                                 should_stop=self.cancel, unlearned_predictions=unlearned_predictions)
-        if self.stop_if_clean and not self.screening.flagged:
-            raise ScreenedClean(self.screening)
         return self.screening
 
     def screening_document(self) -> dict | None:
@@ -90,14 +86,6 @@ class DefenseRun:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
-class ScreenedClean(Exception):  # not an error: the end of an intake run
-    """Raised by :meth:`DefenseRun.screen` to end an intake run on a clean verdict."""
-
-    def __init__(self, report: ScreeningReport) -> None:
-        super().__init__(f"screened clean (score {report.score:.3f})")
-        self.report = report
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -1,16 +1,20 @@
 """The ``intake`` job kind: screen, then purify only a flagged model.
 
 The request is a purification request (same inputs, same rules, and a model the
-screening can read: three classes or more). The run is a purification that stops
-after its screening on a clean verdict: with TSBD the screening reads the stage-1
-unlearning the purification goes on with, so a flagged model is unlearned once; with
-``ft`` the screening runs in full before fine-tuning. A clean model gets the decision
-and its screening, and no file at ``out``; a flagged one the purify Result document
-with the decision, and the purified model at ``out``.
+screening can read: three classes or more). The screening is the one a ``screen`` job
+runs (its own short clean unlearning, the calibrated schedule), so the intake's verdict
+is a screening job's verdict, and a clean model, the common case, costs a screening
+and nothing more: TSBD's own stage 1 at its paper rate can run to its epoch cap on a
+clean model, many times the screening's cost. A flagged model is then purified as a
+``purify`` job would be, without screening it again: with TSBD that is a second, longer
+unlearning (the screening's copy is not reused, its schedule is not the paper's). A
+clean model gets the decision and its screening, and no file at ``out``; a flagged one
+the purify Result document with the decision, and the purified model at ``out``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,8 @@ from defense_core.jobs.params import PurifyConfig
 from defense_core.jobs.purify import run_purify
 from defense_core.jobs.request import ENGINE_NAMES, InputNames, LoadedPurify, PurifyRequest
 from defense_core.jobs.screen import MIN_CLASSES, check_screenable
-from defense_core.pipeline import ScreenedClean
 from defense_core.progress import CancelHook, Reporter
-from defense_core.screening import ScreeningReport
+from defense_core.screening import ScreeningReport, screen
 
 
 class IntakeRequest(PurifyRequest):
@@ -52,11 +55,11 @@ def run_intake(loaded: LoadedPurify, *, out: Path, metadata: Mapping[str, Any] |
     """Screen; purify (writing ``out``) only when the verdict is not clean."""
     if loaded.config.screening is None or loaded.spec.num_classes < MIN_CLASSES:
         raise InputError(f"an intake screens the model first: it needs at least {MIN_CLASSES} classes")
-    try:
-        document = run_purify(loaded, out=out, metadata=metadata, reporter=reporter, cancel=cancel,
-                              stop_if_clean=True)
-    except ScreenedClean as clean:
-        return {"task": "intake", "decision": decision(clean.report, purified=False),
-                "screening": clean.report.to_dict()}
-    report = ScreeningReport(**document["screening"])
+    report = screen(loaded.model, loaded.clean, loaded.spec, loaded.config.screening, progress=reporter,
+                    should_stop=cancel)
+    if not report.flagged:
+        return {"task": "intake", "decision": decision(report, purified=False), "screening": report.to_dict()}
+    unscreened = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, screening=None))
+    document = run_purify(unscreened, out=out, metadata=metadata, reporter=reporter, cancel=cancel)
+    document["screening"] = report.to_dict()
     return {"task": "intake", "decision": decision(report, purified=True), **document}

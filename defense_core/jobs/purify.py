@@ -17,14 +17,13 @@ from defense_core.progress import CancelHook, Reporter
 @register_job_kind("purify", request=PurifyRequest)
 def run_purify(loaded: LoadedPurify, *, out: Path, metadata: Mapping[str, Any] | None = None,
                reporter: Reporter | None = None,
-               cancel: CancelHook | None = None, stop_if_clean: bool = False) -> dict[str, Any]:
+               cancel: CancelHook | None = None) -> dict[str, Any]:
     """Purify the loaded inputs, write the purified model to ``out`` (safetensors, with
     ``metadata`` and the defense's name) and return the Result document (its
-    ``screening`` the report on the model as given). ``stop_if_clean``: see
-    :func:`~defense_core.pipeline.purify` (nothing is written then)."""
+    ``screening`` the report on the model as given)."""
     result = purify(loaded.model, loaded.spec, loaded.clean, test=loaded.test,
                     poisoned=loaded.poisoned, config=loaded.config, reporter=reporter,
-                    cancel=cancel, stop_if_clean=stop_if_clean)
+                    cancel=cancel)
     file_metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     file_metadata.setdefault("defense", result.defense)
     sha256 = save_safetensors(result.state_dict, out, metadata=file_metadata)

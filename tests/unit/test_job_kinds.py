@@ -190,22 +190,27 @@ def test_ft_purify_runs_the_whole_screening_first(tiny_models: dict, digits: tup
     assert stages.stages == ["loading", "screening", "finetuning", "evaluating"]
 
 
-def test_intake_leaves_a_clean_model_alone(tiny_models: dict, digits: tuple, tmp_path: Path) -> None:
+def test_intake_leaves_a_clean_model_alone_for_the_cost_of_a_screening(
+        tiny_models: dict, digits: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_unlearn(monkeypatch)
     out = tmp_path / "purified.safetensors"
     doc = get_job_kind("intake").run(_loaded_purify(tiny_models["clean"], digits[1]), out=out)
+    assert calls == ["screening"]  # the screening's short unlearning; TSBD's stage 1 never starts
     assert list(doc) == ["task", "decision", "screening"]
     assert doc["task"] == "intake" and doc["decision"]["purified"] is False
     assert doc["decision"]["reason"].startswith("verdict clean: score ")
     assert doc["screening"]["verdict"] == "clean" and not out.exists()
 
 
-def test_intake_purifies_a_backdoored_model_unlearning_once(tiny_models: dict, digits: tuple, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intake_purifies_a_backdoored_model_screened_once(tiny_models: dict, digits: tuple, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _counting_unlearn(monkeypatch)
+    stages = Stages()
     out = tmp_path / "purified.safetensors"
     doc = get_job_kind("intake").run(_loaded_purify(tiny_models["backdoored"], digits[1]), out=out,
-                                     metadata={"job": "j1"})
-    assert calls == ["tsbd"]
+                                     metadata={"job": "j1"}, reporter=stages)
+    assert calls == ["screening", "tsbd"]  # the screening's verdict, then the purification (not screened again)
+    assert stages.stages.count("screening") == 1 and "finetuning" in stages.stages
     assert doc["task"] == "intake" and doc["decision"]["purified"] is True
     assert f"suspected target {TARGET}" in doc["decision"]["reason"]
     assert doc["screening"]["target"] == TARGET and doc["screening"]["verdict"] != "clean"
