@@ -38,13 +38,17 @@ class DefenseRun:
         ("unlearning", "ranking", "reinitializing", "finetuning", "evaluating"), 0.0))
     screening: ScreeningReport | None = None
 
+    @property
+    def screens(self) -> bool:
+        """Whether this run screens: screening on, and three classes or more (the margin test needs them)."""
+        return self.config.screening is not None and self.spec.num_classes >= 3
+
     def screen(self, *, unlearned_predictions: torch.Tensor | None = None) -> ScreeningReport | None:
         """Screen the model as it came (call before the defense changes ``model``);
         ``unlearned_predictions``: the defense's own stage-1 predictions on ``clean``, so
-        the screening does not unlearn again. None when screening is off or the model has
-        fewer than three classes (the margin test needs them)."""
+        the screening does not unlearn again. None when the run does not :attr:`screens`."""
         config = self.config.screening
-        if config is None or self.spec.num_classes < 3:
+        if config is None or not self.screens:
             return None
         model = self.model
         if unlearned_predictions is None and self.runtime.device.type != "cpu":

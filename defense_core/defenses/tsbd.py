@@ -44,7 +44,7 @@ def tsbd(run: DefenseRun) -> PurificationResult:
         runtime=run.runtime, reporter=run.reporter, cancel=run.cancel,
     )
     run.timings["unlearning"] = time.monotonic() - started
-    if run.config.screening is not None:
+    if run.screens:
         # the screening's collapse signal reads this same unlearned model: no second unlearning
         run.screen(unlearned_predictions=_predictions(run, unlearned))
 

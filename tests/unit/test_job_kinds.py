@@ -237,3 +237,16 @@ def test_screen_runs_in_the_contained_child(tiny_models: dict, digits: tuple, tm
                         reporter=stages).result
     assert doc["verdict"] != "clean" and doc["target"] == TARGET
     assert stages.stages == ["screening"] and not (tmp_path / "out").exists()
+
+
+def test_a_two_class_model_is_purified_without_a_screening(tmp_path: Path) -> None:
+    from defense_core.registry import create_model
+    from tests.unit.tsbd_fixtures import quadrant_set
+
+    spec = dataclasses.replace(SPEC, num_classes=2)
+    torch.manual_seed(0)
+    config = PurifyRequest(model="m", clean="c", params={**FAST_PURIFY, "unlearn_max_steps": 5}).validate()
+    loaded = LoadedPurify(model=create_model(spec), spec=spec, clean=quadrant_set(32, num_classes=2), test=None,
+                          poisoned=None, config=config)
+    doc = get_job_kind("purify").run(loaded, out=tmp_path / "p.safetensors")
+    assert doc["screening"] is None and (tmp_path / "p.safetensors").is_file()
