@@ -14,9 +14,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from cli import admin, purify, serve, submit  # each module adds its commands to `app`
+    from cli import admin, purify, screen, serve, submit  # each module adds its commands to `app`
 
-    for module in (purify, admin, serve, submit):
+    for module in (purify, admin, serve, submit, screen):
         module.register(app)
 
 

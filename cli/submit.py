@@ -1,8 +1,12 @@
 """`cleanroom submit`: upload a model and data over HTTP, create a job, optionally wait.
 
 A thin client of the v1 API (httpx): uploads stream from disk, ``--wait`` polls
-``GET /v1/jobs/{id}`` with a progress bar, prints CA/ASR before and after, and
-``--out`` downloads the purified model and checks its SHA-256.
+``GET /v1/jobs/{id}`` with a progress bar, prints CA/ASR before and after (and the
+screening verdict), and ``--out`` downloads the purified model and checks its SHA-256.
+``--task`` picks the job kind: ``purify`` (the default: screen, purify, evaluate),
+``screen`` (the verdict only) or ``intake`` (screen, purify only a flagged model); the
+body names the task only when it is not the default, so a server that predates job
+kinds still takes a purification.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 import typer
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+TASKS = ("purify", "screen", "intake")
+DEFAULT_TASK = "purify"
 POLL_S = 0.5
 UPLOAD_TIMEOUT_S = 600.0
 
@@ -161,10 +167,28 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):6.2f}%"
 
 
+def screening_lines(report: dict[str, Any] | None) -> list[str]:
+    """The verdict of a ScreeningReport, as one printable line."""
+    if not report:
+        return []
+    target = "-" if report.get("target") is None else report["target"]
+    return [f"screening: {report.get('verdict')} (score {float(report.get('score', 0.0)):.3f}, target {target})"]
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """Before/after CA, ASR and RA of a result document, as printable lines."""
-    metrics = result.get("metrics", {})
-    lines = [f"{'':14}{'CA':>9}{'ASR':>9}{'RA':>9}"]
+    """The screening verdict, the intake's decision and before/after CA, ASR and RA of a
+    result document (a ScreeningReport for a screening job), as printable lines."""
+    if "verdict" in result:  # a screening job's result is the report itself
+        return screening_lines(result)
+    lines = screening_lines(result.get("screening"))
+    decision = result.get("decision")
+    if decision:
+        lines.append(f"decision: {'purified' if decision.get('purified') else 'not purified'}: "
+                     f"{decision.get('reason', '')}")
+    metrics = result.get("metrics")
+    if not metrics:
+        return lines
+    lines.append(f"{'':14}{'CA':>9}{'ASR':>9}{'RA':>9}")
     for name in ("before", "after_stage1", "after"):
         row = metrics.get(name)
         if row:
@@ -181,6 +205,10 @@ def register(app: typer.Typer) -> None:
             "Model file (safetensors / state dict / TorchScript).")),
         spec: Path = typer.Option(..., exists=True, dir_okay=False, help="Model spec JSON."),
         clean: Path = typer.Option(..., exists=True, dir_okay=False, help="Clean defense data (NPZ or archive)."),
+        task: str = typer.Option(DEFAULT_TASK, help=(
+            "Job kind: purify (screen, purify, evaluate), screen (the verdict only: no --test, "
+            "--poisoned, --trigger or --out; --param sets screening options), or intake (screen, "
+            "then purify only a flagged model).")),
         api: str = typer.Option("http://127.0.0.1:8000", envvar="CLEANROOM_API_URL", help="API base URL."),
         key: str = typer.Option(..., envvar="CLEANROOM_API_KEY", help="API key (or CLEANROOM_API_KEY)."),
         test: Path | None = typer.Option(None, exists=True, dir_okay=False, help="Clean test data (CA)."),
@@ -194,7 +222,14 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, help="Where to save the purified model (implies --wait)."),
         as_json: bool = typer.Option(False, "--json", help="Print the job (and result) as JSON on stdout."),
     ) -> None:
-        """Upload a model and data, create a purification job, optionally wait for it."""
+        """Upload a model and data, create a job (purify, screen or intake), optionally wait for it."""
+        if task not in TASKS:
+            raise typer.BadParameter(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task == "screen":
+            given = [flag for flag, value in (("--test", test), ("--poisoned", poisoned), ("--trigger", trigger),
+                                              ("--out", out)) if value is not None]
+            if given:
+                raise typer.BadParameter(f"a screening takes the model and clean data only: drop {', '.join(given)}")
         if poisoned is not None and trigger is not None:
             raise typer.BadParameter("give --poisoned or --trigger, not both")
         params = dict(parse_param(p) for p in param)
@@ -206,7 +241,11 @@ def register(app: typer.Typer) -> None:
         try:
             model_row = client.upload_model(model, model_spec)
             say(f"model    {model_row['id']}  sha256 {model_row['sha256'][:16]}…")
-            body: dict[str, Any] = {"model_id": model_row["id"], "defense": defense, "params": params}
+            body: dict[str, Any] = {"model_id": model_row["id"], "params": params}
+            if task != "screen":  # a screening has no defense
+                body["defense"] = defense
+            if task != DEFAULT_TASK:
+                body["task"] = task
             for role, path, field_name in (
                 ("clean", clean, "clean_dataset_id"), ("test", test, "test_dataset_id"),
                 ("poisoned", poisoned, "poisoned_dataset_id"),
@@ -234,7 +273,10 @@ def register(app: typer.Typer) -> None:
             output["result"] = result
             for line in summary_lines(result):
                 say(line)
-            if out is not None:
+            if out is not None and "model_sha256" not in result:
+                say(f"no model was produced ({(result.get('decision') or {}).get('reason', 'nothing purified')}); "
+                    f"{out} not written")
+            elif out is not None:
                 got, server = client.download_model(job["id"], out)
                 expected = server or result.get("model_sha256")
                 if expected and got != expected:

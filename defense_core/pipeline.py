@@ -62,6 +62,9 @@ def purify(
     values are None. Deterministic on CPU for a given ``config.seed``. Raises
     :class:`InputError` on inputs that do not fit ``spec`` and
     :class:`~defense_core.errors.Cancelled` when ``cancel()`` answers True.
+
+    The model is screened on the way (``config.screening``; a TSBD run reuses its
+    stage-1 unlearning) and the report is the result's ``screening``.
     """
     reporter = reporter or NullReporter()
     _check_inputs(spec, clean, test, poisoned, config)

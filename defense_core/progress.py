@@ -12,7 +12,10 @@ from typing import Protocol
 
 from defense_core.errors import Cancelled
 
-STAGES = ("loading", "unlearning", "ranking", "reinitializing", "finetuning", "evaluating")
+# In the order a job reports them. A TSBD purification screens after its stage-1
+# unlearning (the collapse signal reuses it), so "screening" follows "unlearning";
+# a screening job reports "loading" and "screening" only, fine-tuning "screening" first.
+STAGES = ("loading", "unlearning", "screening", "ranking", "reinitializing", "finetuning", "evaluating")
 
 
 class Reporter(Protocol):

@@ -29,6 +29,9 @@ class PurificationResult:
     params: dict[str, Any]
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     sweep: tuple[SweepPoint, ...] = ()  # one per n when neuron_ratio was swept
+    # the ScreeningReport document of the model before purification; None when it was
+    # not screened (screening off, or fewer than three classes)
+    screening: dict[str, Any] | None = None
 
     @property
     def der(self) -> float | None:
@@ -65,6 +68,7 @@ class PurificationResult:
             "top_neurons": [n.to_dict() for n in self.top_neurons],
             "params": dict(self.params),
             "model_sha256": model_sha256,
+            "screening": self.screening,
         }
 
 

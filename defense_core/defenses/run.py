@@ -15,6 +15,7 @@ from defense_core.imageset import ImageSet
 from defense_core.jobs.params import MAX_SEED, PurifyConfig
 from defense_core.metrics import StageMetrics, evaluate
 from defense_core.progress import CancelHook, Reporter, check_cancel
+from defense_core.screening import ScreeningReport, screen
 from defense_core.spec import ModelSpec
 from defense_core.tsbd.aft import FinetuneResult, finetune_
 from defense_core.tsbd.config import AFTConfig
@@ -35,6 +36,29 @@ class DefenseRun:
     cancel: CancelHook | None
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("unlearning", "ranking", "reinitializing", "finetuning", "evaluating"), 0.0))
+    screening: ScreeningReport | None = None
+
+    @property
+    def screens(self) -> bool:
+        """Whether this run screens: screening on, and three classes or more (the margin test needs them)."""
+        return self.config.screening is not None and self.spec.num_classes >= 3
+
+    def screen(self, *, unlearned_predictions: torch.Tensor | None = None) -> ScreeningReport | None:
+        """Screen the model as it came (call before the defense changes ``model``);
+        ``unlearned_predictions``: the defense's own stage-1 predictions on ``clean``, so
+        the screening does not unlearn again. None when the run does not :attr:`screens`."""
+        config = self.config.screening
+        if config is None or not self.screens:
+            return None
+        model = self.model
+        if unlearned_predictions is None and self.runtime.device.type != "cpu":
+            model = copy_model(model).cpu()  # the screening's own unlearning runs on the CPU
+        self.screening = screen(model, self.clean, self.spec, config, progress=self.reporter,
+                                should_stop=self.cancel, unlearned_predictions=unlearned_predictions)
+        return self.screening
+
+    def screening_document(self) -> dict | None:
+        return None if self.screening is None else self.screening.to_dict()
 
     def measure(self, *, stage: str, step: int, total: int) -> StageMetrics:
         check_cancel(self.cancel)

@@ -11,11 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
 from defense_core.defenses import register_defense
 from defense_core.defenses.run import DefenseRun, copy_model
-from defense_core.metrics import StageMetrics, der
+from defense_core.metrics import StageMetrics, der, predict
 from defense_core.progress import Reporter, check_cancel
 from defense_core.result import PurificationResult, SweepPoint
+from defense_core.transforms import Normalizer
 from defense_core.tsbd.choose_n import choose_neuron_ratio
 from defense_core.tsbd.config import ReinitConfig
 from defense_core.tsbd.nwc import NeuronRanking, rank_neurons
@@ -40,6 +44,9 @@ def tsbd(run: DefenseRun) -> PurificationResult:
         runtime=run.runtime, reporter=run.reporter, cancel=run.cancel,
     )
     run.timings["unlearning"] = time.monotonic() - started
+    if run.screens:
+        # the screening's collapse signal reads this same unlearned model: no second unlearning
+        run.screen(unlearned_predictions=_predictions(run, unlearned))
 
     check_cancel(run.cancel)
     started = time.monotonic()
@@ -53,7 +60,8 @@ def tsbd(run: DefenseRun) -> PurificationResult:
     params = cfg.to_params()
     params["stop_acc"] = unlearning.threshold
     common: dict[str, Any] = {"defense": "tsbd", "before": before, "unlearning": unlearning,
-                              "top_neurons": tuple(ranking.top(TOP_NEURONS)), "params": params}
+                              "top_neurons": tuple(ranking.top(TOP_NEURONS)), "params": params,
+                              "screening": run.screening_document()}
     if cfg.sweep:
         return _sweep_n(run, ranking, before, common)
     reinit_config = cfg.reinit
@@ -71,6 +79,13 @@ def tsbd(run: DefenseRun) -> PurificationResult:
     return PurificationResult(after_stage1=after_stage1, after=after, timings_s=run.timings,
                               reinit=reinit, finetune=finetune, state_dict=run.state_dict(),
                               **common)
+
+
+def _predictions(run: DefenseRun, unlearned: nn.Module) -> torch.Tensor:
+    """The unlearned model's labels for the clean images (full precision, on the CPU)."""
+    device = run.runtime.device
+    return predict(unlearned, run.clean.x.to(device), normalizer=Normalizer(run.spec, device),
+                   batch_size=run.config.eval_batch_size, runtime=run.runtime.for_evaluation()).cpu()
 
 
 def _reinit(run: DefenseRun, ranking: NeuronRanking,

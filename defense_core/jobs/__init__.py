@@ -2,9 +2,10 @@
 
 A kind pairs a request type (the validated description of a job that every entry
 point builds: the API at job creation, the worker, the contained child and
-``cleanroom purify``) with the function that runs a loaded request. ``purify``
-(:mod:`.purify`) is the one kind so far; a new kind is a new module that calls
-:func:`register_job_kind`, not a branch anywhere.
+``cleanroom purify``) with the function that runs a loaded request: ``purify``
+(:mod:`.purify`: screen, purify, evaluate), ``screen`` (:mod:`.screen`: the verdict
+only) and ``intake`` (:mod:`.intake`: screen, then purify only a flagged model). A new
+kind is a new module that calls :func:`register_job_kind`, not a branch anywhere.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class JobKind:
 
 def _load_kinds() -> None:
     # The job kind modules register themselves on import.
-    from defense_core.jobs import purify  # noqa: F401
+    from defense_core.jobs import intake, purify, screen  # noqa: F401
 
 
 JOB_KINDS: Registry[JobKind] = Registry("job kind", load=_load_kinds)

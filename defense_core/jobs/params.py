@@ -17,6 +17,7 @@ from typing import Any
 from defense_core.defenses import DEFENSES
 from defense_core.device import DeviceOptions
 from defense_core.errors import InputError
+from defense_core.screening.config import ScreeningConfig
 from defense_core.transforms import AugmentConfig
 from defense_core.tsbd.config import AFTConfig, ReinitConfig, UnlearnConfig
 
@@ -200,6 +201,9 @@ class PurifyConfig:
     device: DeviceOptions = field(default_factory=DeviceOptions)
     # n values to sweep (both stages per n, best DER kept); None: reinit.neuron_ratio alone
     sweep: tuple[float, ...] | None = None
+    # the screening a purification runs (a TSBD one on its own stage-1 predictions);
+    # None: no screening. Not a user parameter: jobs screen with the calibrated defaults.
+    screening: ScreeningConfig | None = field(default_factory=ScreeningConfig)
 
     def __post_init__(self) -> None:
         if self.sweep is not None and (self.defense != "tsbd" or len(self.sweep) < 2):

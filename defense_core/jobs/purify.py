@@ -1,5 +1,5 @@
 """The ``purify`` job kind: a :class:`~defense_core.jobs.request.PurifyRequest`, run by
-:func:`run_purify` (purify, write the purified model, return the Result document)."""
+:func:`run_purify` (screen, purify, write the purified model, return the Result document)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def run_purify(loaded: LoadedPurify, *, out: Path, metadata: Mapping[str, Any] |
                reporter: Reporter | None = None,
                cancel: CancelHook | None = None) -> dict[str, Any]:
     """Purify the loaded inputs, write the purified model to ``out`` (safetensors, with
-    ``metadata`` and the defense's name) and return the Result document."""
+    ``metadata`` and the defense's name) and return the Result document (its
+    ``screening`` the report on the model as given)."""
     result = purify(loaded.model, loaded.spec, loaded.clean, test=loaded.test,
                     poisoned=loaded.poisoned, config=loaded.config, reporter=reporter,
                     cancel=cancel)

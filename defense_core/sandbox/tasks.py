@@ -4,7 +4,8 @@ Each task takes plain JSON arguments whose file names are relative to the
 scratch directory (the only place the child can read or write), and returns a
 JSON-able dict. ``inspect_model`` validates an upload; each job kind
 (:mod:`defense_core.jobs`) is a task of its name: ``purify`` loads a job's inputs,
-runs the defense and writes the purified model.
+runs the defense and writes the purified model; ``screen`` returns a ScreeningReport;
+``intake`` screens and purifies only a flagged model.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def warm_up() -> None:
 
     import defense_core.attacks
     import defense_core.data
-    import defense_core.jobs.purify
-    import defense_core.loading  # noqa: F401
+    import defense_core.jobs
+    import defense_core.loading
+    import defense_core.screening
+
+    defense_core.jobs.available_job_kinds()  # imports every kind
 
 
 def run(name: str, args: Mapping[str, Any], *, scratch: Path, reporter: Reporter, threads: int) -> dict[str, Any]:
@@ -59,8 +63,9 @@ def run(name: str, args: Mapping[str, Any], *, scratch: Path, reporter: Reporter
 def run_job(kind_name: str, args: Mapping[str, Any], scratch: Path,
             reporter: Reporter) -> dict[str, Any]:
     """Run a job of the kind ``kind_name``: ``args`` is its request's JSON form plus
-    ``device`` (the caller's DeviceOptions fields), ``out`` and ``metadata``; file names
-    are inside the scratch directory."""
+    ``device`` (the caller's DeviceOptions fields), ``out`` (where a kind that writes a
+    model writes it; a ``screen`` writes nothing) and ``metadata``; file names are inside
+    the scratch directory."""
     from defense_core.device import DeviceOptions
     from defense_core.jobs import get_job_kind
 
@@ -70,7 +75,7 @@ def run_job(kind_name: str, args: Mapping[str, Any], scratch: Path,
     if device.get("mode_cache") is not None:
         device["mode_cache"] = str(_inside(scratch, device["mode_cache"]))
     loaded = request.load(resolve=lambda name: _inside(scratch, name), device=DeviceOptions(**device))
-    return kind.run(loaded, out=_inside(scratch, args["out"]), metadata=args.get("metadata"),
+    return kind.run(loaded, out=_inside(scratch, args.get("out")), metadata=args.get("metadata"),
                     reporter=reporter)
 
 

@@ -54,7 +54,8 @@ def test_purify_json_document_on_stdout(files: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)  # nothing but the document on stdout
     assert set(doc) == {"metrics", "der", "fidelity", "timings_s", "unlearning", "reinit", "top_neurons",
-                        "params", "model_sha256"}
+                        "params", "model_sha256", "screening"}
+    assert doc["screening"]["verdict"] in ("clean", "suspicious", "backdoored")
     assert isinstance(doc["metrics"]["after"]["asr"], float) and 1 <= doc["unlearning"]["steps"] <= 3
     assert doc["params"]["seed"] == 3
     import hashlib

@@ -4,6 +4,7 @@ cancellation, the FT baseline and parameter validation."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from typing import ClassVar
@@ -63,7 +64,8 @@ def test_result_document_shape_and_types() -> None:
     doc = result.to_document("ab" * 32)
     json.dumps(doc, allow_nan=False)
     assert set(doc) == {"metrics", "der", "fidelity", "timings_s", "unlearning", "reinit", "top_neurons",
-                        "params", "model_sha256"}
+                        "params", "model_sha256", "screening"}
+    assert doc["screening"]["signals"]["unlearning_collapse"]["source"] == "given"  # stage 1's predictions
     assert set(doc["metrics"]) == {"before", "after_stage1", "after"}
     for entry in doc["metrics"].values():
         assert set(entry) == {"ca", "asr", "ra"} and all(isinstance(v, float) for v in entry.values())
@@ -150,6 +152,7 @@ def test_metrics_are_measured_in_full_precision_when_training_runs_under_autocas
     _AutocastProbe.seen.clear()
     test, poisoned = quadrant_set(80, seed=2), _poisoned()
     config = PurifyConfig.from_params({"ft_epochs": 2, "ft_min_steps": 4, "batch_size": 64}, defense="ft")
+    config = dataclasses.replace(config, screening=None)  # its own unlearning would count as training here
     result = purify(probe, SPEC, quadrant_set(128, seed=1), test=test, poisoned=poisoned, config=config)
     training = [autocast for was_training, autocast in _AutocastProbe.seen if was_training]
     measuring = [autocast for was_training, autocast in _AutocastProbe.seen if not was_training]

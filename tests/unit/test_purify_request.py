@@ -111,11 +111,11 @@ def test_load_reads_and_checks_the_inputs_and_builds_the_poisoned_set(tmp_path: 
 
 
 def test_job_kinds_are_registry_entries() -> None:
-    assert available_job_kinds() == ["purify"]
+    assert available_job_kinds() == ["intake", "purify", "screen"]
     kind = get_job_kind("purify")
     assert kind.request is PurifyRequest and callable(kind.run)
-    with pytest.raises(InputError, match="unknown job kind 'screen'; known: purify"):
-        get_job_kind("screen")
+    with pytest.raises(InputError, match="unknown job kind 'audit'; known: intake, purify, screen"):
+        get_job_kind("audit")
     from defense_core.sandbox.tasks import available_tasks
 
     assert "purify" in available_tasks()  # every job kind runs as a contained task
