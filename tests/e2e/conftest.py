@@ -38,7 +38,7 @@ class Bundle:
     """Files a client would upload, plus the metrics they were built with."""
 
     model: Path
-    clean_model: Path  # the same architecture and recipe trained without poisoning
+    clean_model: Path  # the same architecture trained without poisoning (longer: a settled model)
     spec: Path
     clean: Path
     test: Path
@@ -100,7 +100,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     assert ca > 0.85 and asr > 0.9, f"the demo backdoor did not take: CA {ca:.3f}, ASR {asr:.3f}"
     model_path = root / "model.safetensors"
     save_safetensors(model.state_dict(), model_path)
-    clean_model = train_model(spec, train, seed=1, config=TrainConfig(epochs=6, lr=0.05, batch_size=64))
+    clean_model = train_model(spec, train, seed=1, config=TrainConfig(epochs=10, lr=0.05, batch_size=64))
     clean_model_path = root / "clean_model.safetensors"
     save_safetensors(clean_model.state_dict(), clean_model_path)
     (root / "spec.json").write_text(json.dumps(SPEC))

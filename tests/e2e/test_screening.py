@@ -56,7 +56,9 @@ def test_screen_and_intake_jobs_over_http(embedded: tuple[Service, Api, Api], bu
     assert report["verdict"] == "backdoored", report
     assert report["target"] == 0 and 0.5 < report["score"] <= 1.0
     assert set(report) >= {"verdict", "score", "target", "signals", "per_class", "thresholds", "timings_s"}
-    assert job["summary"]["screening"] == {"verdict": "backdoored", "score": report["score"], "target": 0}
+    # (the summary is read out of the stored document by the database: the score as it renders it)
+    assert job["summary"]["screening"] == {"verdict": "backdoored", "score": pytest.approx(report["score"]),
+                                           "target": 0}
     assert job["purified_model_id"] is None
     assert any(e.get("stage") == "screening" for e in api.events(screen["id"]))
     assert api.http.get(f"/v1/jobs/{screen['id']}/model").status_code == 404
@@ -75,7 +77,7 @@ def test_screen_and_intake_jobs_over_http(embedded: tuple[Service, Api, Api], bu
     assert bad_result["metrics"]["after"]["asr"] < bad_result["metrics"]["before"]["asr"]
     downloaded = api.http.get(f"/v1/jobs/{intake_bad['id']}/model")
     assert downloaded.status_code == 200 and len(downloaded.content) > 0
-    assert good_result["decision"]["purified"] is False and good_result["decision"]["reason"]
+    assert good_result["decision"]["purified"] is False and good_result["decision"]["reason"], good_result["screening"]
     assert good_result["screening"]["verdict"] == "clean", good_result["screening"]
     assert good["purified_model_id"] is None and good["summary"]["purified"] is False
 

@@ -95,7 +95,7 @@ def _status_document(row: Sequence[Any]) -> dict[str, Any]:
         summary = {"before": before, "after": after, "der": der, "fidelity": fidelity,
                    "screening": (None if verdict is None else
                                  {"verdict": verdict, "score": score, "target": target}),
-                   "purified": purified if purified is not None else (purified_id is not None)}
+                   "purified": bool(purified) if purified is not None else (purified_id is not None)}
     return {
         "id": job_id,
         "task": task or "purify",
