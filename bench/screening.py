@@ -373,13 +373,14 @@ def as_model(intercept: float, weights: list[float]) -> LogisticModel:
 
 
 def choose_thresholds(clean_scores: list[float], *, fpr: float = 0.05) -> tuple[float, float]:
-    """Suspicious: at most ``fpr`` of the calibration clean models at or above it (and >= 0.5);
-    backdoored: above every calibration clean model (and >= 0.9)."""
+    """Suspicious (the default flag): at most ``fpr`` of the calibration clean models at or above it
+    (and >= 0.5); backdoored: one logit unit higher (e times the odds), at most 0.99."""
     ranked = sorted(clean_scores, reverse=True)
     allowed = int(fpr * len(ranked))
     above = ranked[allowed] if allowed < len(ranked) else 0.0
-    suspicious = max(0.5, min(1.0, above + 1e-6))
-    backdoored = max(0.9, min(1.0, ranked[0] + 1e-6), suspicious)
+    suspicious = max(0.5, min(0.99, above + 1e-6))
+    odds = suspicious / (1 - suspicious)
+    backdoored = max(suspicious, min(0.99, odds * math.e / (1 + odds * math.e)))
     return suspicious, backdoored
 
 
@@ -663,30 +664,34 @@ def cost_lines(c: dict[str, Any]) -> list[str]:
 TSBD_UNLEARN_STEPS = (57, 193)
 
 
-def step_cost_lines(c: dict[str, Any], preact_steps: list[int]) -> list[str]:
+def step_cost_lines(c: dict[str, Any], preact_steps: list[int], all_steps: list[int]) -> list[str]:
     tu, tm, tf = c["unlearning_step_s"], c["margin_step_s"], c["finetuning_step_s"]
     m, f, cap = c["margin_steps_default"], c["finetuning_steps_default"], c["screen_unlearn_cap"]
-    seen = f"{min(preact_steps)}-{max(preact_steps)}" if preact_steps else "not measured"
-    typical = max(preact_steps) if preact_steps else cap
+    if preact_steps:
+        typical, seen = max(preact_steps), f"most steps of the zoo's PreAct-ResNet18 screenings ({preact_steps})"
+    else:
+        typical = sorted(all_steps)[len(all_steps) // 2]
+        seen = (f"median of the zoo's screenings, {min(all_steps)}-{max(all_steps)} over all models; the PreAct-ResNet18 "
+                "ones were not screened in time")
     lo_t, hi_t = TSBD_UNLEARN_STEPS
     screen_typ, screen_worst = typical * tu + m * tm, cap * tu + m * tm
     tsbd_lo, tsbd_hi = lo_t * tu + f * tf, hi_t * tu + f * tf
     return [
         (f"Measured per step on PreAct-ResNet18, 3x32x32, 200 clean images, {c['threads']} torch threads, one process "
-         f"at nice 10 on the shared cores ({c['machine']['date']}; mean of {c['repeats']} steps each): unlearning "
-         f"ascent step with its accuracy check {tu:.2f} s (the same function and batch in the screening and in TSBD), "
-         f"maximum-margin step (100 images, input gradients only) {tm:.2f} s, TSBD fine-tuning step "
-         f"(two forward/backward passes, noise blends) {tf:.2f} s."), "",
+         f"at nice 10 on the shared cores ({c['machine']['date']}; mean of the first {c['repeats']} steps each, warm-up "
+         f"included): unlearning ascent step with its accuracy check {tu:.2f} s (the same function and batch in the "
+         f"screening and in TSBD), maximum-margin step (100 images, input gradients only) {tm:.2f} s, TSBD fine-tuning "
+         f"step (two forward/backward passes, noise blends) {tf:.2f} s."), "",
         "| | unlearning steps | other steps | seconds |", "|---|---|---|---|",
-        f"| screening, zoo PreAct-ResNet18 step count ({seen}) | {typical} | {m} margin | {screen_typ:.0f} |",
-        f"| screening, worst case (unlearning cap) | {cap} | {m} margin | {screen_worst:.0f} |",
-        f"| default TSBD job, fewest unlearning steps seen | {lo_t} | {f} fine-tuning | {tsbd_lo:.0f} |",
-        f"| default TSBD job, most unlearning steps seen | {hi_t} | {f} fine-tuning | {tsbd_hi:.0f} |", "",
-        (f"Ratio screening / TSBD: {screen_typ / tsbd_lo:.3f} to {screen_typ / tsbd_hi:.3f} at the zoo's step counts, "
-         f"{screen_worst / tsbd_lo:.3f} in the worst case (goal <= 0.25). This is a per-step measurement times step "
-         "counts, not one end-to-end run of both: at the contention of the benchmark's run (unlearning steps of "
-         "20-30 s) an end-to-end TSBD job would not have finished before this file was due; `--cost` runs both end "
-         "to end on a quieter machine."),
+        f"| screening, {seen} | {typical} | {m} margin | {screen_typ:.0f} |",
+        f"| screening, worst case (the unlearning cap) | {cap} | {m} margin | {screen_worst:.0f} |",
+        f"| default TSBD job, fewest unlearning steps seen (lr 1e-4) | {lo_t} | {f} fine-tuning | {tsbd_lo:.0f} |",
+        f"| default TSBD job, most unlearning steps seen (lr 1e-4) | {hi_t} | {f} fine-tuning | {tsbd_hi:.0f} |", "",
+        (f"Ratio screening / TSBD at the typical screening: {screen_typ / tsbd_lo:.3f} (against the shortest TSBD job) "
+         f"to {screen_typ / tsbd_hi:.3f} (longest); {screen_worst / tsbd_lo:.3f} to {screen_worst / tsbd_hi:.3f} "
+         "when the screening's unlearning runs to its cap (goal <= 0.25). This is a per-step measurement times step "
+         "counts, not one end-to-end run of both: at the contention of this run (unlearning steps of 20-30 s) an "
+         "end-to-end TSBD job would not have finished before this file was due; `--cost` runs both end to end."),
     ]
 
 
@@ -770,7 +775,8 @@ def write_report(out: Path) -> None:
     lines += ["", "## Cost against a TSBD job", ""]
     if COST_STEPS_JSON.exists():
         preact_steps = [r["unlearning"]["steps"] for r in records if r["arch"] == "preact_resnet18"]
-        lines += step_cost_lines(json.loads(COST_STEPS_JSON.read_text()), preact_steps)
+        all_steps = [r["unlearning"]["steps"] for r in records]
+        lines += step_cost_lines(json.loads(COST_STEPS_JSON.read_text()), preact_steps, all_steps)
     if COST_JSON.exists():
         lines += ["", *cost_lines(json.loads(COST_JSON.read_text()))]
     lines += ["", "## Constants written to defense_core/screening/combine.py", "", "```python"]
