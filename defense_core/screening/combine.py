@@ -57,15 +57,21 @@ class Thresholds:
         return {"suspicious": self.suspicious, "backdoored": self.backdoored, **self.provenance}
 
 
-# --- measured constants: bench/results/screening.md (calibration half of the zoo, fitted 2026-12-04) ---
-WITH_CLEAN = LogisticModel(intercept=-4.0, margin=0.8, collapse=4.0, agreement=2.0)
-DATA_FREE = LogisticModel(intercept=-3.0, margin=0.9)
-THRESHOLDS_WITH_CLEAN = Thresholds(0.5, 0.9, {
-    "source": "bench/results/screening.md", "calibration": "placeholder, not yet fitted", "date": None,
-    "calibration_clean_fpr": {"suspicious": None, "backdoored": None}})
-THRESHOLDS_DATA_FREE = Thresholds(0.5, 0.9, {
-    "source": "bench/results/screening.md", "calibration": "placeholder, not yet fitted", "date": None,
-    "calibration_clean_fpr": {"suspicious": None, "backdoored": None}})
+# --- measured constants: bench/results/screening.md (python -m bench.screening --report, 2026-12-04) ---
+# Fitted on the calibration half of the screening zoo (24 MNIST models: 12 backdoored, 12 clean; small_cnn 1/3
+# channels, torchvision resnet18). The margin feature's weight came out 0: on this zoo the largest MM-BD margin
+# belongs to a natural class (digit 8) in clean models too, so it does not separate (AUROC 0.32-0.36).
+_PROVENANCE = {"source": "bench/results/screening.md", "calibration": "bench.screening zoo, calibration half",
+               "date": "2026-12-04", "calibration_models": {"backdoored": 12, "clean": 12}}
+WITH_CLEAN = LogisticModel(intercept=-1.234130117710664, margin=4.482381980616411e-09, collapse=1.349938402878795,
+                           agreement=0.8152722624651598)
+DATA_FREE = LogisticModel(intercept=-6.891836938268318e-07, margin=4.547208464468854e-09)
+THRESHOLDS_WITH_CLEAN = Thresholds(0.599042, 0.802418, {
+    **_PROVENANCE, "calibration_clean_fpr": {"suspicious": 0.0, "backdoored": 0.0},
+    "heldout_clean_fpr": {"suspicious": 0.0, "backdoored": 0.0}})
+THRESHOLDS_DATA_FREE = Thresholds(0.500001, 0.731059, {
+    **_PROVENANCE, "calibration_clean_fpr": {"suspicious": 0.0, "backdoored": 0.0},
+    "heldout_clean_fpr": {"suspicious": 0.0, "backdoored": 0.0}})
 # ---
 
 

@@ -25,15 +25,14 @@ from defense_core.screening import (
     max_margins,
     screen,
 )
-from defense_core.screening.combine import DATA_FREE, WITH_CLEAN, sigmoid
+from defense_core.screening.combine import DATA_FREE, THRESHOLDS_WITH_CLEAN, WITH_CLEAN, sigmoid
 from defense_core.screening.stats import fit_gamma, max_order_pvalue
 from defense_core.spec import ModelSpec
 from defense_core.training import TrainConfig, poison_dataset, train_model
 from defense_core.transforms import AugmentConfig
-from defense_core.tsbd.config import UnlearnConfig
 
 FAST = ScreeningConfig(margin=MarginConfig(images_per_class=4, steps=40),
-                       collapse=CollapseConfig(unlearn=UnlearnConfig(lr=1e-3, max_steps=150)))
+                       collapse=CollapseConfig())  # the default unlearning: 8x8 digits reach tau in 100-250 steps
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +179,7 @@ def test_score_is_monotone_in_each_signal() -> None:
 
 def test_strong_signals_name_the_target() -> None:
     score, target = _score(30.0, 0.95)
-    assert score > 0.9 and target == 1
+    assert score >= THRESHOLDS_WITH_CLEAN.suspicious and target == 1
 
 
 def test_sigmoid_extremes() -> None:
@@ -272,7 +271,7 @@ def cli_files(tmp_path: Path, tiny_models: dict, digits: tuple) -> dict[str, Pat
     return paths
 
 
-FAST_FLAGS = ["--margin-steps", "40", "--margin-images", "4", "--unlearn-max-steps", "150"]
+FAST_FLAGS = ["--margin-steps", "40", "--margin-images", "4"]
 
 
 def test_cli_exit_codes_and_json(cli_files: dict[str, Path]) -> None:
