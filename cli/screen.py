@@ -72,7 +72,11 @@ def _summary(doc: dict[str, Any]) -> Any:
 def screen_command(
     model: Annotated[Path, typer.Option(help="Model file: safetensors, state dict, or TorchScript.")],
     spec: Annotated[Path, typer.Option(help="Model spec JSON: arch, num_classes, in_channels, input_size, mean, std.")],
-    clean: Annotated[Path | None, typer.Option(help="Clean data (NPZ or ImageFolder zip/tar.gz); without it only data-free signals run.")] = None,
+    clean: Annotated[
+        Path | None,
+        typer.Option(help=("Clean data (NPZ or ImageFolder zip/tar.gz); "
+                           "without it only data-free signals run.")),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the ScreeningReport document on stdout.")] = False,
     fail_on: Annotated[str, typer.Option(help="Exit 1 from this verdict up: suspicious | backdoored.")] = "suspicious",
     margin_steps: Annotated[int | None, typer.Option(help="Maximum-margin optimization steps.")] = None,
@@ -116,8 +120,9 @@ def _config(args: dict[str, Any]) -> Any:
         margin = dataclasses.replace(margin, seed=args["seed"])
         collapse = dataclasses.replace(collapse, seed=args["seed"])
     if args["unlearn_max_steps"] is not None:
-        collapse = dataclasses.replace(collapse, unlearn=dataclasses.replace(
-            collapse.unlearn, max_steps=args["unlearn_max_steps"]))
+        collapse = dataclasses.replace(
+            collapse, unlearn=dataclasses.replace(collapse.unlearn, max_steps=args["unlearn_max_steps"])
+        )
     return dataclasses.replace(config, margin=margin, collapse=collapse)
 
 
@@ -145,8 +150,16 @@ def _run(args: dict[str, Any], *, err: Any) -> bool:
     model_spec = ModelSpec.from_dict(_read_json(args["spec"], "spec"))
     net = load_model(args["model"], model_spec)
     clean_set = load_dataset(args["clean"]) if args["clean"] is not None else None
-    reporter = _ProgressReporter(Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                          console=err, redirect_stdout=False, redirect_stderr=False))
+    reporter = _ProgressReporter(
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+    )
     try:
         report = screen(net, clean_set, model_spec, config, progress=reporter)
     finally:

@@ -103,7 +103,7 @@ def screen(
     model: nn.Module,
     clean: ImageSet | None,
     spec: ModelSpec,
-    config: ScreeningConfig = ScreeningConfig(),  # noqa: B008  (frozen, never mutated)
+    config: ScreeningConfig = ScreeningConfig(),
     *,
     progress: Reporter | None = None,
     should_stop: CancelHook | None = None,
