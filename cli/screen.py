@@ -84,6 +84,10 @@ def screen_command(
     unlearn_max_steps: Annotated[int | None, typer.Option(help="Step cap of the clean unlearning.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    contain: Annotated[bool, typer.Option("--contain/--no-contain", help=(
+        "Run the model in a contained child process (no access to your files beyond copies of the inputs, no "
+        "network, memory and time bounds), as the service does. --no-contain runs it in this process: only for "
+        "model files you trust."))] = True,
 ) -> None:
     from rich.console import Console
 
@@ -148,8 +152,9 @@ def _run(args: dict[str, Any], *, err: Any) -> bool:
         torch.set_num_threads(args["threads"])
     config = _config(args)
     model_spec = ModelSpec.from_dict(_read_json(args["spec"], "spec"))
-    net = load_model(args["model"], model_spec)
-    clean_set = load_dataset(args["clean"]) if args["clean"] is not None else None
+    if not args["contain"]:
+        net = load_model(args["model"], model_spec)
+        clean_set = load_dataset(args["clean"]) if args["clean"] is not None else None
     reporter = _ProgressReporter(
         Progress(
             TextColumn("{task.description}"),
@@ -161,14 +166,47 @@ def _run(args: dict[str, Any], *, err: Any) -> bool:
         )
     )
     try:
-        report = screen(net, clean_set, model_spec, config, progress=reporter)
+        if args["contain"]:
+            doc = _screen_contained(args, model_spec.to_dict(), reporter)
+        else:
+            doc = screen(net, clean_set, model_spec, config, progress=reporter).to_dict()
     finally:
         reporter.stop()
-    doc = report.to_dict()
     if args["as_json"]:
         sys.stdout.write(json.dumps(doc) + "\n")
         err.print(_summary(doc))
     else:
         Console().print(_summary(doc))
     order = ("clean", "suspicious", "backdoored")
-    return order.index(report.verdict) >= order.index(args["fail_on"])
+    return order.index(doc["verdict"]) >= order.index(args["fail_on"])
+
+
+def _screen_contained(args: dict[str, Any], spec: dict[str, Any], reporter: Any) -> dict[str, Any]:
+    """Copy the inputs into a scratch directory and screen them in a contained child (the
+    ``screen`` job kind, as the service runs it)."""
+    import os
+    import shutil
+    import tempfile
+
+    from defense_core.jobs.screen import ScreenRequest
+    from defense_core.sandbox import Limits, run_contained
+
+    params = {name: args[name] for name in ("margin_steps", "margin_images", "unlearn_max_steps", "seed")
+              if args[name] is not None}
+    scratch = Path(tempfile.mkdtemp(prefix="cleanroom-screen-"))
+    try:
+        (scratch / "in").mkdir()
+        shutil.copyfile(args["model"], scratch / "in" / "model")
+        clean = None
+        if args["clean"] is not None:
+            shutil.copyfile(args["clean"], scratch / "in" / "clean")
+            clean = "in/clean"
+        threads = args["threads"] or len(os.sched_getaffinity(0))
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limits = Limits(wall_seconds=24 * 3600.0, memory_bytes=int(0.8 * physical), threads=threads)
+        request = ScreenRequest(model="in/model", clean=clean, params=params, spec=spec)
+        task_args = {**request.to_dict(), "device": {"device": "cpu", "threads": threads}, "out": None,
+                     "metadata": None}
+        return run_contained("screen", task_args, scratch=scratch, limits=limits, reporter=reporter).result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
