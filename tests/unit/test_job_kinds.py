@@ -13,7 +13,6 @@ from torch import nn
 
 import defense_core.defenses.tsbd as tsbd_module
 import defense_core.screening.collapse as collapse_module
-from defense_core.attacks import TriggerSpec
 from defense_core.data import save_npz
 from defense_core.imageset import ImageSet
 from defense_core.jobs import available_job_kinds, get_job_kind
@@ -22,24 +21,20 @@ from defense_core.jobs.request import InputNames, LoadedPurify, PurifyRequest, R
 from defense_core.jobs.screen import LoadedScreen, ScreenRequest
 from defense_core.loading import save_safetensors
 from defense_core.screening import CollapseConfig, MarginConfig, ScreeningConfig
-from defense_core.spec import ModelSpec
-from defense_core.training import TrainConfig, poison_dataset, train_model
-from defense_core.transforms import AugmentConfig
-from defense_core.tsbd.config import UnlearnConfig
+from tests.unit.digits_fixtures import DIGITS_SPEC, TARGET
 
-SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
-TARGET = 3
+SPEC = DIGITS_SPEC
 API_NAMES = InputNames(test="test_dataset_id", poisoned="poisoned_dataset_id", trigger="trigger",
                        poisoned_data="poisoned_dataset_id or trigger")
 COMMON = {"model": "m", "clean": "c", "test": None, "poisoned": None, "trigger": None, "defense": "tsbd",
           "params": {}, "spec": None}
-FAST_SCREEN = ScreeningConfig(margin=MarginConfig(images_per_class=4, steps=40),
-                              collapse=CollapseConfig(unlearn=UnlearnConfig(lr=1e-3, max_steps=150)))
+# the default unlearning (as calibrated): the tiny digits models reach tau in 100-250 steps
+FAST_SCREEN = ScreeningConfig(margin=MarginConfig(images_per_class=4, steps=40), collapse=CollapseConfig())
 # purify and intake: the default margin search (about half a second here), the short collapse
 # (only ft runs it; a TSBD run reads its own stage-1 unlearning)
 JOB_SCREEN = dataclasses.replace(ScreeningConfig(), collapse=FAST_SCREEN.collapse)
 FAST_PURIFY = {"unlearn_lr": 1e-3, "ft_epochs": 2, "ft_min_steps": 4}  # batch 256: the collapse is calibrated so
-FAST_SCREEN_PARAMS = {"margin_steps": 40, "margin_images": 4, "unlearn_max_steps": 150}
+FAST_SCREEN_PARAMS = {"margin_steps": 40, "margin_images": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -47,25 +42,6 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[ImageSet, ImageSet]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy((d.images * 255 / 16).round()).to(torch.uint8).view(-1, 1, 8, 8)
-    y = torch.from_numpy(d.target).long()
-    return ImageSet(x[:1400], y[:1400]), ImageSet(x[1400:1600], y[1400:1600])
-
-
-@pytest.fixture(scope="module")
-def tiny_models(digits: tuple[ImageSet, ImageSet]) -> dict[str, nn.Module]:
-    torch.set_num_threads(1)
-    train, _ = digits
-    config = TrainConfig(epochs=8, lr=0.05, batch_size=64, augment=AugmentConfig(crop_padding=0))
-    trigger = TriggerSpec.from_dict({"type": "badnets", "target": TARGET, "size": 2})
-    poisoned = poison_dataset(train, trigger, ratio=0.1, seed=0)[0]
-    return {"clean": train_model(SPEC, train, config=config, seed=1),
-            "backdoored": train_model(SPEC, poisoned, config=config, seed=2)}
 
 
 def _loaded_purify(model: nn.Module, clean: ImageSet, *, defense: str = "tsbd") -> LoadedPurify:

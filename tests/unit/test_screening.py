@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from defense_core.attacks import TriggerSpec
 from defense_core.errors import Cancelled
-from defense_core.imageset import ImageSet
 from defense_core.screening import (
     CollapseConfig,
     MarginConfig,
@@ -28,8 +26,7 @@ from defense_core.screening import (
 from defense_core.screening.combine import DATA_FREE, THRESHOLDS_WITH_CLEAN, WITH_CLEAN, sigmoid
 from defense_core.screening.stats import fit_gamma, max_order_pvalue
 from defense_core.spec import ModelSpec
-from defense_core.training import TrainConfig, poison_dataset, train_model
-from defense_core.transforms import AugmentConfig
+from tests.unit.digits_fixtures import DIGITS_SPEC, TARGET
 
 FAST = ScreeningConfig(margin=MarginConfig(images_per_class=4, steps=40),
                        collapse=CollapseConfig())  # the default unlearning: 8x8 digits reach tau in 100-250 steps
@@ -188,29 +185,6 @@ def test_sigmoid_extremes() -> None:
 
 # ---------------------------------------------------------------- tiny real models (sklearn digits, 8x8)
 
-DIGITS_SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
-TARGET = 3
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[ImageSet, ImageSet]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy((d.images * 255 / 16).round()).to(torch.uint8).view(-1, 1, 8, 8)
-    y = torch.from_numpy(d.target).long()
-    return ImageSet(x[:1400], y[:1400]), ImageSet(x[1400:1600], y[1400:1600])
-
-
-@pytest.fixture(scope="module")
-def tiny_models(digits: tuple[ImageSet, ImageSet]) -> dict[str, nn.Module]:
-    torch.set_num_threads(1)
-    train, _ = digits
-    config = TrainConfig(epochs=8, lr=0.05, batch_size=64, augment=AugmentConfig(crop_padding=0))
-    trigger = TriggerSpec.from_dict({"type": "badnets", "target": TARGET, "size": 2})
-    poisoned = poison_dataset(train, trigger, ratio=0.1, seed=0)[0]
-    return {"clean": train_model(DIGITS_SPEC, train, config=config, seed=1),
-            "backdoored": train_model(DIGITS_SPEC, poisoned, config=config, seed=2)}
 
 
 def test_clean_tiny_model_is_not_flagged(tiny_models: dict[str, nn.Module], digits: tuple) -> None:

@@ -30,6 +30,18 @@ def get(*, session: Session, org_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     return job
 
 
+def _page_start(limit: int, cursor: str | None) -> JobCursor | None:
+    """The position after which a page starts (None: the first page), or a 422."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise RejectedInput(f"limit must be in [1, {MAX_PAGE}], got {limit}", slug="invalid-input")
+    if cursor is None:
+        return None
+    try:
+        return JobCursor.decode(cursor)
+    except InvalidInput:
+        raise InvalidCursor("the cursor is not one this API returned") from None
+
+
 @dataclass(frozen=True)
 class JobPage:
     items: list[Job]
@@ -45,14 +57,7 @@ def list_jobs(
     status: str | None = None,
 ) -> JobPage:
     """The caller's jobs, newest first, ``limit`` at a time (keyset pagination)."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise RejectedInput(f"limit must be in [1, {MAX_PAGE}], got {limit}", slug="invalid-input")
-    after = None
-    if cursor is not None:
-        try:
-            after = JobCursor.decode(cursor)
-        except InvalidInput:
-            raise InvalidCursor("the cursor is not one this API returned") from None
+    after = _page_start(limit, cursor)
     # One row more than asked tells whether a next page exists.
     rows = JobRepository(session).list(org_id=org_id, limit=limit + 1, status=status, after=after)
     items = rows[:limit]
@@ -71,14 +76,7 @@ def list_models(*, session: Session, org_id: uuid.UUID, limit: int = 20, cursor:
                 verdict: str | None = None) -> ModelPage:
     """The caller's uploaded models, newest first, optionally only those whose latest
     screening gave ``verdict`` (keyset pagination, like :func:`list_jobs`)."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise RejectedInput(f"limit must be in [1, {MAX_PAGE}], got {limit}", slug="invalid-input")
-    after = None
-    if cursor is not None:
-        try:
-            after = JobCursor.decode(cursor)
-        except InvalidInput:
-            raise InvalidCursor("the cursor is not one this API returned") from None
+    after = _page_start(limit, cursor)
     rows = ArtifactRepository(session).list_models(
         org_id=org_id, verdict=verdict, limit=limit + 1,
         after=None if after is None else (after.created_at, after.id))
