@@ -129,3 +129,17 @@ def test_a_screen_job_takes_no_test_or_poisoned_data(sqlite_api: Api, model_byte
     job_id = _screen_job(sqlite_api, tenant, model_id, clean_id, _report("clean", 0.02, None))
     download = sqlite_api.client.get(f"/v1/jobs/{job_id}/model", headers=tenant.headers)
     assert download.status_code == 404 and "produced no purified model" in download.json()["detail"]
+
+
+def test_the_recorded_screening_keeps_only_well_formed_values() -> None:
+    """The verdict comes from the contained child's document: what is recorded is checked."""
+    from api.core.services.lifecycle import screening_of
+
+    assert screening_of({"screening": {"verdict": "suspicious", "score": 0.6, "target": 2}}) == \
+        {"verdict": "suspicious", "score": 0.6, "target": 2}
+    assert screening_of({"verdict": "clean", "score": float("nan"), "target": -1}) == \
+        {"verdict": "clean", "score": None, "target": None}
+    assert screening_of({"verdict": "backdoored", "score": True, "target": 1.5}) == \
+        {"verdict": "backdoored", "score": None, "target": None}
+    assert screening_of({"verdict": "maybe", "score": 0.5}) is None
+    assert screening_of({"der": 0.9}) is None

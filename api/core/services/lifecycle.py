@@ -298,9 +298,10 @@ def screening_of(result: Mapping[str, Any]) -> dict[str, Any] | None:
     if verdict not in {v.value for v in Verdict}:
         return None
     score, target = section.get("score"), section.get("target")
-    return {"verdict": verdict,
-            "score": float(score) if isinstance(score, (int, float)) else None,
-            "target": target if isinstance(target, int) and not isinstance(target, bool) else None}
+    score_ok = isinstance(score, (int, float)) and not isinstance(score, bool) and 0.0 <= score <= 1.0
+    target_ok = isinstance(target, int) and not isinstance(target, bool) and target >= 0
+    return {"verdict": verdict, "score": float(score) if score_ok else None,
+            "target": target if target_ok else None}
 
 
 def _lock_unfinished(session: Session, job_id: uuid.UUID, worker: str | None) -> Job | None:
