@@ -272,14 +272,10 @@ def table(rows: list[Row]) -> list[str]:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from defense_core.cpu_mode import cpu_name
+
     memory_gib = psutil.virtual_memory().total / (1 << 30)
-    return (f"{cpu}, nproc {len(os.sched_getaffinity(0))}, {memory_gib:.0f} GiB, "
+    return (f"{cpu_name()}, nproc {len(os.sched_getaffinity(0))}, {memory_gib:.0f} GiB, "
             f"Linux {platform.release()}, Python {platform.python_version()}, "
             f"torch {torch.__version__}")
 

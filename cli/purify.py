@@ -21,6 +21,8 @@ from typing import Annotated, Any
 
 import typer
 
+from cli.errors import exit_codes
+
 MAX_JSON_BYTES = 1 << 20
 
 
@@ -237,25 +239,9 @@ def purify_command(
 ) -> None:
     from rich.console import Console
 
-    from defense_core.errors import Cancelled, InputError
-    from defense_core.sandbox import ChildFailed
-
     err = Console(stderr=True)
-    try:
+    with exit_codes(err, failed_code=1):
         _run(locals(), err=err)
-    except InputError as exc:
-        err.print(f"error: {exc}".splitlines()[0], markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
-    except OSError as exc:  # unreadable or missing input/output paths
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        err.print(f"error: cannot access{where}: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
-    except (Cancelled, KeyboardInterrupt):
-        err.print("cancelled", markup=False)
-        raise typer.Exit(code=130) from None
-    except ChildFailed as exc:
-        err.print(f"error: {exc}".splitlines()[0], markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from None
 
 
 def _request_params(args: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cli.errors import exit_codes
 from cli.purify import _ProgressReporter, _read_json
 
 FAIL_ON = ("suspicious", "backdoored")
@@ -91,21 +92,10 @@ def screen_command(
 ) -> None:
     from rich.console import Console
 
-    from defense_core.errors import Cancelled, InputError
-
     err = Console(stderr=True)
-    try:
+    # a failed contained run is not a verdict: exit 2, never 1 (flagged)
+    with exit_codes(err, failed_code=2, bad_input=(ValueError,)):
         flagged = _run(locals(), err=err)
-    except (InputError, ValueError) as exc:
-        err.print(f"error: {exc}".splitlines()[0], markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
-    except OSError as exc:
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        err.print(f"error: cannot access{where}: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
-    except (Cancelled, KeyboardInterrupt):
-        err.print("cancelled", markup=False)
-        raise typer.Exit(code=130) from None
     raise typer.Exit(code=1 if flagged else 0)
 
 
