@@ -46,7 +46,6 @@ _SUMMARY_PATHS = (
     # the screening: a section of a purify or intake Result, a screen job's whole Result
     ("screening", "verdict"), ("screening", "score"), ("screening", "target"),
     ("verdict",), ("score",), ("target",),
-    ("decision", "purified"),
 )
 
 _RESULT = Job.__table__.c.result
@@ -86,8 +85,7 @@ def _status_document(row: Sequence[Any]) -> dict[str, Any]:
     (job_id, task, status, stage, step, total, progress_metrics, defense, params, model_id,
      clean_id, test_id, poisoned_id, trigger, created_at, started_at, finished_at,
      cancel_requested, attempts, error, purified_id, has_result, before, after, der,
-     fidelity, section_verdict, section_score, section_target, verdict, score, target,
-     purified) = row
+     fidelity, section_verdict, section_score, section_target, verdict, score, target) = row
     if section_verdict is not None:
         verdict, score, target = section_verdict, section_score, section_target
     summary = None
@@ -95,7 +93,7 @@ def _status_document(row: Sequence[Any]) -> dict[str, Any]:
         summary = {"before": before, "after": after, "der": der, "fidelity": fidelity,
                    "screening": (None if verdict is None else
                                  {"verdict": verdict, "score": score, "target": target}),
-                   "purified": bool(purified) if purified is not None else (purified_id is not None)}
+                   "purified": purified_id is not None}
     return {
         "id": job_id,
         "task": task or "purify",
